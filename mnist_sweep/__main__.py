@@ -1,0 +1,65 @@
+"""``python -m mnist_sweep``: train one CNN on MNIST and track it in MLflow; ``-m`` sweeps."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_sweep import data, tracking, train
+from mnist_sweep.config import PROJECT_ROOT, validate
+
+log = logging.getLogger("mnist_sweep")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train, evaluate and log one run; return its final test accuracy (0.0 if it diverged)."""
+    validate(cfg)
+    hydra_cfg = HydraConfig.get()
+    device = train.pick_device(cfg.device)
+    train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
+    torch.manual_seed(cfg.seed)
+
+    train_set, test_set = data.load(data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info), device)
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optim)(model.parameters())
+    steps = cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps)
+
+    choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "optim", "scheduler")}
+    tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
+    run_name = f"{choices['model']}-{choices['optim']}-lr{cfg.optim.lr:.3g}-bs{cfg.data.batch_size}"
+    params = {**choices, **tracking.flatten(OmegaConf.to_container(cfg, resolve=True))}
+    tags = {
+        "hydra.overrides": " ".join(hydra_cfg.overrides.task),
+        "hydra.output_dir": hydra_cfg.runtime.output_dir,
+        "mlflow.source.git.commit": tracking.git_commit(PROJECT_ROOT) or "unknown",
+    }
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    if parent and hydra_cfg.mode == hydra.types.RunMode.MULTIRUN:
+        tags["trial"] = str(int(os.environ[tracking.FIRST_TRIAL_ENV]) + hydra_cfg.job.num)
+    try:
+        with tracking.run(run_name, params, tags, parent_run_id=parent):
+            metrics = train.fit(
+                model, optimizer, scheduler, train_set, test_set,
+                epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                seed=cfg.seed, on_epoch=tracking.log_epoch,
+            )
+            tracking.log_outputs(model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
+                                 test_set.images[:2], cfg.mlflow.model_format)
+    except train.Diverged as err:
+        log.error("run diverged: %s (returning test_acc 0.0)", err)
+        return 0.0  # a finite worst score: the Optuna sweeper crashes on NaN
+    return metrics["test_acc"]
+
+
+if __name__ == "__main__":
+    main()

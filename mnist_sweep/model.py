@@ -1,0 +1,56 @@
+"""The CNN: depth, widths, batch norm and dropout all come from config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+IMAGE_SIDE = 28
+# MNIST training-set pixel statistics in raw 0-255 units: the model standardises its own input,
+# so a saved or served model takes raw pixels and no caller can forget the preprocessing.
+PIXEL_MEAN, PIXEL_STD = 0.1307 * 255, 0.3081 * 255
+
+
+class ConvNet(nn.Module):
+    """``len(channels)`` blocks of (conv → [BN] → ReLU) × convs_per_block → 2×2 max-pool,
+    then dropout → linear over the flattened maps.
+
+    Input: (N, 1, 28, 28) float raw pixels 0-255. Output: (N, 10) class scores (logits).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        convs_per_block: int = 1,
+        kernel_size: int = 3,
+        batch_norm: bool = True,
+        dropout: float = 0.0,
+        num_classes: int = 10,
+    ):
+        super().__init__()
+        if not 1 <= len(channels) <= 4:
+            # each block halves the 28×28 map: a fifth would pool a 1×1 map away
+            raise ValueError(f"model.channels needs 1 to 4 blocks, got {len(channels)}")
+        layers: list[nn.Module] = []
+        width, side = 1, IMAGE_SIDE
+        for out in channels:
+            for _ in range(convs_per_block):
+                # BN already has a bias term; the conv's would be redundant
+                layers += [nn.Conv2d(width, out, kernel_size, padding=kernel_size // 2, bias=not batch_norm)]
+                layers += [nn.BatchNorm2d(out)] if batch_norm else []
+                layers += [nn.ReLU(inplace=True)]
+                width = out
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(width * side * side, num_classes)
+        )
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN), persistent=False)
+        self.register_buffer("std", torch.tensor(PIXEL_STD), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels - self.mean) / self.std  # (N, 1, 28, 28), zero mean, unit variance
+        return self.head(self.features(x))  # (N, 10)

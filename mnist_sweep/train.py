@@ -1,0 +1,143 @@
+"""The training loop: explicit arguments in, metrics out. No config, no tracking."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mnist_sweep.data import Split, batches
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: stop at once rather than train on garbage."""
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` → cuda, then mps, then cpu; a named device must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise RuntimeError(f"device={name} is not available on this machine; use device=auto or device=cpu")
+    return device
+
+
+def set_threads(threads: int, parallel_workers: int) -> int:
+    """Torch CPU threads: ``threads``, or with 0 the cores split among parallel sweep workers."""
+    n = threads or max(1, (os.cpu_count() or 1) // parallel_workers)
+    torch.set_num_threads(n)
+    return n
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    # channels_last trains this CNN ~25% faster on CPU (measured: 7.8 s → 5.8 s an epoch)
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_set: Split,
+    batch_size: int,
+    seed: int,
+    fmt: torch.memory_format = torch.contiguous_format,
+    progress: bool = False,
+) -> float:
+    """One pass over ``train_set`` in an order drawn from ``seed``; returns the mean training loss."""
+    model.train()
+    total = torch.zeros((), device=train_set.labels.device)
+    steps = math.ceil(len(train_set) / batch_size)
+    for images, labels in tqdm(batches(train_set, batch_size, seed), total=steps, disable=not progress,
+                               leave=False, unit="batch"):
+        loss = F.cross_entropy(model(images.contiguous(memory_format=fmt)), labels)
+        if not torch.isfinite(loss):
+            raise Diverged(f"training loss became {loss.item()}; lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach() * len(labels)
+    return total.item() / len(train_set)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, split: Split, batch_size: int, fmt: torch.memory_format = torch.contiguous_format
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy (a fraction in [0, 1]) of ``model`` on ``split``."""
+    model.eval()
+    loss = torch.zeros((), device=split.labels.device)
+    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    for start in range(0, len(split), batch_size):
+        images = split.images[start : start + batch_size].contiguous(memory_format=fmt)
+        labels = split.labels[start : start + batch_size]
+        logits = model(images)
+        loss += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    return {"test_loss": loss.item() / len(split), "test_acc": correct.item() / len(split)}
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_set: Split,
+    test_set: Split,
+    epochs: int,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    on_epoch: EpochCallback = lambda epoch, metrics: None,
+) -> dict[str, float]:
+    """Train for ``epochs``, evaluating after each; returns the last epoch's metrics.
+
+    Raises :class:`Diverged` as soon as the loss is not finite.
+    """
+    device = train_set.labels.device
+    fmt = memory_format(device)
+    model.to(memory_format=fmt)
+    progress = sys.stdout.isatty()
+    metrics: dict[str, float] = {}
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        train_loss = train_epoch(model, optimizer, scheduler, train_set, batch_size, seed + epoch, fmt, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so the time below is the epoch's, not the launch queue's
+        seconds = time.perf_counter() - start
+        metrics = {
+            "train_loss": train_loss,
+            **evaluate(model, test_set, eval_batch_size, fmt),
+            "epoch_seconds": seconds,
+            "images_per_second": len(train_set) / seconds,
+        }
+        log.info(
+            "epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  %.1fs  %.0f img/s",
+            epoch, epochs, metrics["train_loss"], metrics["test_loss"], metrics["test_acc"],
+            seconds, metrics["images_per_second"],
+        )
+        on_epoch(epoch, metrics)
+    return metrics
