@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,21 +15,27 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_sweep import data, tracking, train
-from mnist_sweep.config import PROJECT_ROOT, validate
+from mnist_sweep.config import PROJECT_ROOT, ConfigError, validate
 
 log = logging.getLogger("mnist_sweep")
+# hydra-optuna-sweeper 1.3 still builds optuna 2's distribution classes; optuna 5 accepts them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(hydra_plugins|optuna)\.")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train, evaluate and log one run; return its final test accuracy (0.0 if it diverged)."""
-    validate(cfg)
+    try:
+        validate(cfg)
+        device = train.pick_device(cfg.device)
+        tensors = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
+    except (ConfigError, train.DeviceError, data.DataError) as err:
+        raise SystemExit(f"error: {err}") from None  # one line: the message says what to change
     hydra_cfg = HydraConfig.get()
-    device = train.pick_device(cfg.device)
     train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
 
-    train_set, test_set = data.load(data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info), device)
+    train_set, test_set = data.load(tensors, device)
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optim)(model.parameters())
     steps = cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size)

