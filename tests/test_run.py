@@ -1,0 +1,121 @@
+"""The core run end to end on the tiny data: what lands in MLflow, and how a run ends."""
+
+import numpy as np
+import mlflow
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from mlflow import MlflowClient
+from omegaconf import OmegaConf, open_dict
+
+from conftest import run_cli
+from mnist_sweep import data, tracking
+from mnist_sweep.__main__ import main
+from mnist_sweep.config import CONF_DIR
+from mnist_sweep.model import ConvNet
+
+
+def store(tmp_path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def only_run(client: MlflowClient):
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id])
+    return run
+
+
+def run_in_process(overrides: list[str], output_dir) -> float:
+    """The task function exactly as Hydra calls it, without a subprocess."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # Hydra hands the task its config without the hydra node
+    return main.__wrapped__(cfg)
+
+
+def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, tiny_mnist, tmp_path):
+    done = run_cli("mnist_sweep", *overrides, "epochs=2", "optim.lr=0.05")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch 2/2" in done.stdout  # one log line per epoch (Hydra logs to stdout)
+
+    client = store(tmp_path)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "shallow-sgd-lr0.05-bs32"
+    params = run.data.params
+    assert params["optim.lr"] == "0.05" and params["data.batch_size"] == "32" and params["epochs"] == "2"
+    assert params["model"] == "shallow" and params["model.channels"] == "[4, 8]"
+    assert "optim.lr=0.05" in run.data.tags["hydra.overrides"]
+    assert run.data.tags["hydra.output_dir"].startswith(str(tmp_path / "outputs" / "runs"))
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+
+    for name in ("train_loss", "test_loss", "test_acc", "epoch_seconds", "images_per_second"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    final_acc = run.data.metrics["test_acc"]
+    assert 0.0 <= final_acc <= 1.0
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"} <= artifacts
+    weights = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights/state_dict.pt",
+                                                  dst_path=str(tmp_path / "dl"))
+    config = OmegaConf.load(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="hydra/config.yaml", dst_path=str(tmp_path / "dl")))
+    net = ConvNet(list(config.model.channels), config.model.convs_per_block, config.model.kernel_size,
+                  config.model.batch_norm, config.model.dropout)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    net.eval()
+
+    root, md5 = tiny_mnist
+    _, test = data.load(data.tensor_file(root), torch.device("cpu"))
+    with torch.inference_mode():
+        expected = net(test.images)
+    assert (expected.argmax(1) == test.labels).float().mean().item() == pytest.approx(final_acc)
+
+    logged = mlflow.pyfunc.load_model(run.data.tags[tracking.MODEL_URI_TAG])
+    served = logged.predict(test.images[:7].numpy())  # raw 0-255 pixels in, class scores out
+    np.testing.assert_allclose(served, expected[:7].numpy(), rtol=1e-4, atol=1e-4)
+    signature = logged.metadata.signature.inputs.to_dict()[0]
+    assert tuple(signature["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+
+
+def test_nan_loss_ends_the_run_failed_and_scores_zero(overrides, tmp_path):
+    score = run_in_process([*overrides, "optim.lr=1e8", "mlflow.model_format=null"], tmp_path / "run")
+    assert score == 0.0
+    run = only_run(store(tmp_path))
+    assert run.info.status == "FAILED"
+    assert "test_acc" not in run.data.metrics  # it stopped at once, before any evaluation
+
+
+def test_in_process_run_returns_the_logged_final_accuracy(overrides, tmp_path):
+    score = run_in_process([*overrides, "mlflow.model_format=null"], tmp_path / "run")
+    run = only_run(store(tmp_path))
+    assert run.info.status == "FINISHED"
+    assert score == run.data.metrics["test_acc"]
+    assert score > 0.5  # the tiny digits are learnable: a broken loop would sit near 0.1
+
+
+def test_interrupted_run_ends_killed(tmp_path):
+    store(tmp_path)
+    tracking.use_store(mlflow.get_tracking_uri(), "mnist_sweep", str(tmp_path / "artifacts"))
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.run("interrupted", {}, {}):
+            raise KeyboardInterrupt
+    assert only_run(MlflowClient()).info.status == "KILLED"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("optim.lr=0", "error: optim.lr must be > 0"), ("data.batch_size=0", "error: data.batch_size must be >= 1"),
+     ("epochs=0", "error: epochs must be >= 1"), ("device=tpu", "error: device must be one of")],
+)
+def test_bad_input_is_one_line_before_any_run_exists(overrides, tmp_path, override, message):
+    done = run_cli("mnist_sweep", *overrides, override)
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith(message) and done.stderr.strip().count("\n") == 0, done.stderr
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
