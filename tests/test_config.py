@@ -94,5 +94,5 @@ def test_unknown_group_option_lists_the_options():
 def test_state_is_anchored_in_the_checkout_not_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_with()
-    assert cfg.mlflow.tracking_uri == f"sqlite:///{CONF_DIR.parent}/outputs/mlflow.db"
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{CONF_DIR.parent}/outputs/mlflow.db?timeout=60"
     assert cfg.data.root == str(CONF_DIR.parent / "data")
