@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,27 +35,12 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
-
     train_set, test_set = data.load(tensors, device)
-    model = instantiate(cfg.model).to(device)
-    optimizer = instantiate(cfg.optim)(model.parameters())
-    steps = cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size)
-    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps)
+    model, optimizer, scheduler = build(cfg, device, steps=cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size))
 
-    choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "optim", "scheduler")}
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
-    run_name = f"{choices['model']}-{choices['optim']}-lr{cfg.optim.lr:.3g}-bs{cfg.data.batch_size}"
-    params = {**choices, **tracking.flatten(OmegaConf.to_container(cfg, resolve=True))}
-    tags = {
-        "hydra.overrides": " ".join(hydra_cfg.overrides.task),
-        "hydra.output_dir": hydra_cfg.runtime.output_dir,
-        "mlflow.source.git.commit": tracking.git_commit(PROJECT_ROOT) or "unknown",
-    }
-    parent = os.environ.get(tracking.PARENT_RUN_ENV)
-    if parent and hydra_cfg.mode == hydra.types.RunMode.MULTIRUN:
-        tags["trial"] = str(int(os.environ[tracking.FIRST_TRIAL_ENV]) + hydra_cfg.job.num)
     try:
-        with tracking.run(run_name, params, tags, parent_run_id=parent):
+        with tracking.run(**describe_run(cfg, hydra_cfg)):
             metrics = train.fit(
                 model, optimizer, scheduler, train_set, test_set,
                 epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
@@ -66,6 +52,32 @@ def main(cfg: DictConfig) -> float:
         log.error("run diverged: %s (returning test_acc 0.0)", err)
         return 0.0  # a finite worst score: the Optuna sweeper crashes on NaN
     return metrics["test_acc"]
+
+
+def build(cfg: DictConfig, device: torch.device, steps: int):
+    """Model, optimizer and schedule from their config groups: the one place objects are built."""
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optim)(model.parameters())
+    return model, optimizer, instantiate(cfg.scheduler)(optimizer, total_steps=steps)
+
+
+def describe_run(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
+    """The MLflow run's name, params and tags; in a sweep, its parent run and trial number."""
+    choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "optim", "scheduler")}
+    tags = {
+        "hydra.overrides": " ".join(hydra_cfg.overrides.task),
+        "hydra.output_dir": hydra_cfg.runtime.output_dir,
+        "mlflow.source.git.commit": tracking.git_commit(PROJECT_ROOT) or "unknown",
+    }
+    parent = os.environ.get(tracking.PARENT_RUN_ENV) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if parent:  # trials are asked in job order, from the study's size when the sweep started
+        tags["trial"] = str(int(os.environ[tracking.FIRST_TRIAL_ENV]) + hydra_cfg.job.num)
+    return {
+        "name": f"{choices['model']}-{choices['optim']}-lr{cfg.optim.lr:.3g}-bs{cfg.data.batch_size}",
+        "params": {**choices, **tracking.flatten(OmegaConf.to_container(cfg, resolve=True))},
+        "tags": tags,
+        "parent_run_id": parent,
+    }
 
 
 if __name__ == "__main__":
