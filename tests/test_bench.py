@@ -1,0 +1,21 @@
+"""The benchmark end to end in quick mode on the tiny data: it runs and writes every row (never a speed)."""
+
+import pytest
+
+from conftest import run_cli
+from mnist_sweep.bench import ROWS
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_and_writes_the_whole_table(overrides, tmp_path):
+    out = tmp_path / "bench"
+    done = run_cli("mnist_sweep.bench", "--quick", "--out", str(out), "--", *overrides, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    table = (out / "latest.md").read_text()
+    assert table in done.stdout
+    assert [path.name for path in out.glob("bench-*.md")] and "Machine: CPU " in table
+    for row in ROWS:
+        assert f"| {row} |" in table, row
+    assert table.count("2 of 2 trials completed") == 2  # both sweep modes really ran their trials
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()  # bench runs stay in the bench's store
