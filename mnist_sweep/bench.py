@@ -185,18 +185,15 @@ def time_mnist_sweep(overrides: list[str], tracking_uri: str, experiment: str) -
 
 def time_bare_fit(cfg) -> dict:
     """The training loop of ``python -m mnist_sweep`` on ``cfg``, without Hydra's job or MLflow."""
-    from hydra.utils import instantiate
-
     from mnist_sweep import data, train
+    from mnist_sweep.__main__ import build  # the very objects a run builds
 
     device = train.pick_device(cfg.device)
     train.set_threads(cfg.threads, parallel_workers=1)
     torch.manual_seed(cfg.seed)
     train_set, test_set = data.load(data.tensor_file(cfg.data.root), device)
-    model = instantiate(cfg.model).to(device)
-    optimizer = instantiate(cfg.optim)(model.parameters())
     steps = cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size)
-    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps)
+    model, optimizer, scheduler = build(cfg, device, steps)
     start = time.perf_counter()
     metrics = train.fit(model, optimizer, scheduler, train_set, test_set, epochs=cfg.epochs,
                         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
