@@ -95,3 +95,20 @@ def compose(overrides: list[str]) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
+
+
+def split_args(argv: list[str], keys: tuple[str, ...]) -> tuple[dict[str, list[str]], list[str]]:
+    """Pull ``key=value`` arguments for ``keys`` (each may repeat) out of ``argv``; the rest are overrides.
+
+    Those keys are not in the training config, and their values (paths, URIs) are kept verbatim:
+    Hydra's override grammar would reject a file name with a space or a parenthesis.
+    """
+    values: dict[str, list[str]] = {key: [] for key in keys}
+    overrides = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in values:
+            values[key].append(value)
+        else:
+            overrides.append(arg)
+    return values, overrides

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "MNIST_SWEEP_PARENT_RUN_ID"
 FIRST_TRIAL_ENV = "MNIST_SWEEP_FIRST_TRIAL"
 MODEL_URI_TAG = "model_uri"
+ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 def use_store(tracking_uri: str, experiment: str, artifact_root: str) -> str:
@@ -121,3 +124,52 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
+
+
+class ModelNotFound(LookupError):
+    """A model URI that names no loadable model; the message says which and why."""
+
+
+def resolve_model(uri: str) -> tuple[str, str]:
+    """``runs:/<id>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
+    ``models:/m-…`` or a bare run id → (a loadable ``models:/m-…`` URI, the id of the run that logged it).
+
+    A bare run id means the model that run logged (its ``model_uri`` tag, else ``runs:/<id>/model``).
+    """
+    if re.fullmatch(r"[0-9a-f]{32}", uri):
+        try:
+            tags = mlflow.get_run(uri).data.tags
+        except mlflow.exceptions.MlflowException as err:
+            raise ModelNotFound(f"model_uri={uri}: {err.message}") from None
+        uri = tags.get(MODEL_URI_TAG, f"runs:/{uri}/model")
+    elif not uri.startswith(("runs:/", "models:/")):  # anything else MLflow would read as a local path
+        raise ModelNotFound(
+            f"model_uri={uri} is not runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version> "
+            "or a 32-character run id"
+        )
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelNotFound(f"model_uri={uri}: {err.message}") from None
+    return info.model_uri, info.run_id
+
+
+def load_model(uri: str) -> nn.Module:
+    """The logged model, on the CPU: float32 (n, 1, 28, 28) raw pixels → (n, 10) logits.
+
+    Only a pt2 model loads, and only after MLflow has checked that its archive holds no pickle:
+    MLflow 3 unpickles by default (MLFLOW_ALLOW_PICKLE_DESERIALIZATION defaults to true), and a
+    pickle can run any code. The result is an exported graph already in inference mode; calling
+    ``.eval()`` on it raises.
+    """
+    previous = os.environ.get(ALLOW_PICKLE_ENV)
+    os.environ[ALLOW_PICKLE_ENV] = "false"  # read at load time, by this process only
+    try:
+        return mlflow.pytorch.load_model(uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelNotFound(f"{uri}: {err.message}") from None
+    finally:
+        if previous is None:
+            del os.environ[ALLOW_PICKLE_ENV]
+        else:
+            os.environ[ALLOW_PICKLE_ENV] = previous

@@ -1,0 +1,120 @@
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import make_digits, run_cli
+from mnist_sweep import data, sweep, tracking, train
+from mnist_sweep.model import ConvNet
+
+
+@pytest.fixture(scope="session")
+def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
+    """A ConvNet([4, 8]) trained for a few steps (right on some digits only), logged as pt2 to an
+    MLflow store of its own and registered as mnist-cnn@champion, as a sweep would."""
+    root, md5 = tiny_mnist
+    train_set, _ = data.load(data.prepare(root, md5, log=lambda line: None), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = ConvNet([4, 8])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)  # about half right
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train.train_epoch(model, optimizer, constant, train_set, batch_size=32, seed=0)
+    model.eval()
+
+    store = tmp_path_factory.mktemp("mlflow")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+    tracking.use_store(tracking_uri, "tiny", str(store / "mlartifacts"))
+    with tracking.run("tiny-run", {}, {}) as active:
+        tracking.log_outputs(model, None, train_set.images[:2], "pt2")
+        mlflow.log_metric("test_acc", 0.5)  # what promote compares
+    run = mlflow.get_run(active.info.run_id)
+    sweep.promote(MlflowClient(), run)
+    return SimpleNamespace(model=model, tracking_uri=tracking_uri, run_id=run.info.run_id,
+                           model_uri=run.data.tags[tracking.MODEL_URI_TAG])
+
+
+def test_every_uri_form_resolves_to_the_logged_model(logged_model):
+    mlflow.set_tracking_uri(logged_model.tracking_uri)
+    expected = (logged_model.model_uri, logged_model.run_id)
+    for uri in (f"runs:/{logged_model.run_id}/model", "models:/mnist-cnn@champion", "models:/mnist-cnn/1",
+                logged_model.model_uri, logged_model.run_id):
+        assert tracking.resolve_model(uri) == expected, uri
+
+
+@pytest.mark.parametrize("uri,named", [
+    ("models:/mnist-cnn@nope", "alias nope not found"),
+    ("models:/nope@champion", "name=nope not found"),
+    ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef not found"),
+    ("weights.pt", "model_uri=weights.pt is not runs:/"),
+])
+def test_an_unknown_model_is_named(logged_model, uri, named):
+    mlflow.set_tracking_uri(logged_model.tracking_uri)
+    with pytest.raises(tracking.ModelNotFound, match=re.escape(named)):
+        tracking.resolve_model(uri)
+
+
+def test_a_pickled_model_is_refused_not_unpickled(logged_model, tmp_path):
+    mlflow.set_tracking_uri(logged_model.tracking_uri)
+    with tracking.run("pickled", {}, {}):
+        tracking.log_outputs(logged_model.model, None, torch.zeros(2, 1, 28, 28), "pickle")
+        uri = mlflow.get_run(mlflow.active_run().info.run_id).data.tags[tracking.MODEL_URI_TAG]
+    with pytest.raises(tracking.ModelNotFound, match="pickle"):
+        tracking.load_model(uri)
+
+
+def test_the_loaded_model_matches_the_trained_one_on_any_batch_size(logged_model):
+    mlflow.set_tracking_uri(logged_model.tracking_uri)
+    loaded = tracking.load_model(logged_model.model_uri)
+    images = torch.from_numpy(make_digits(5, seed=9)[0]).float().unsqueeze(1)
+    with torch.inference_mode():
+        for n in (1, 5):
+            torch.testing.assert_close(loaded(images[:n]), logged_model.model(images[:n]))
+
+
+def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model, overrides, tmp_path):
+    # write_tiny_mnist's test split: independent of data.load and of the evaluate module
+    images, labels = make_digits(160, seed=1)
+    with torch.inference_mode():
+        predicted = logged_model.model(torch.from_numpy(images).float().unsqueeze(1)).argmax(1).numpy()
+    confusion = np.zeros((10, 10), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    correct = int((predicted == labels).sum())
+    assert 0 < correct < 160, "the tiny model must be partly wrong, or a wrong count could pass"
+
+    done = run_cli("mnist_sweep.evaluate", f"model_uri=runs:/{logged_model.run_id}/model", *overrides,
+                   f"mlflow.tracking_uri={logged_model.tracking_uri}")
+    assert done.returncode == 0, done.stderr
+    assert f"test accuracy {correct / 160:.4f} ({correct}/160)" in done.stdout
+    for digit in range(10):
+        n = confusion[digit].sum()
+        assert f"  {digit}  {confusion[digit, digit] / n:.4f} ({confusion[digit, digit]}/{n})" in done.stdout
+    printed = [line.split()[1:] for line in done.stdout.splitlines()[-12:-2]]
+    assert np.array_equal(np.array(printed, dtype=int), confusion)
+
+    mlflow.set_tracking_uri(logged_model.tracking_uri)
+    [evaluation] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string=f"tags.source_run_id = '{logged_model.run_id}'")
+    assert evaluation.info.run_name == "evaluate-tiny-run"
+    assert evaluation.data.tags["source_model_uri"] == logged_model.model_uri
+    assert evaluation.data.metrics["test_acc"] == pytest.approx(correct / 160)
+    assert evaluation.data.metrics["acc_3"] == pytest.approx(confusion[3, 3] / confusion[3].sum())
+    logged = mlflow.artifacts.download_artifacts(run_id=evaluation.info.run_id, dst_path=str(tmp_path / "dl"))
+    assert json.loads(Path(logged, "confusion_matrix.json").read_text())["rows_true_columns_predicted"] == confusion.tolist()
+    assert Path(logged, "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = tmp_path / "outputs" / "evaluations" / evaluation.info.run_id / "confusion_matrix.png"
+    assert saved.read_bytes() == Path(logged, "confusion_matrix.png").read_bytes()
+
+
+def test_evaluate_names_an_unknown_alias_in_one_line(logged_model, overrides):
+    done = run_cli("mnist_sweep.evaluate", "model_uri=models:/mnist-cnn@nope", *overrides,
+                   f"mlflow.tracking_uri={logged_model.tracking_uri}")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert "models:/mnist-cnn@nope" in done.stderr and "alias nope not found" in done.stderr
+    assert done.stdout == ""
