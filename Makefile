@@ -3,6 +3,8 @@
 PY    := .venv/bin/python
 STAMP := .venv/.installed
 DB    := outputs/mlflow.db
+MODEL ?= models:/mnist-cnn@champion
+PORT  ?= 5001
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,4 +37,9 @@ bench: $(STAMP)  ## time to 99.0% vs the classic PyTorch recipe, overhead, sweep
 ui: $(STAMP)  ## open the MLflow UI on http://127.0.0.1:5000
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DB) --host 127.0.0.1 --port 5000
 
-.PHONY: help install data run sweep test bench ui
+serve: $(STAMP)  ## serve a registered model on http://127.0.0.1:5001 (MODEL=models:/mnist-cnn/2 PORT=5002)
+	@# mlflow starts uvicorn by name: the venv's bin directory goes on PATH
+	PATH="$(CURDIR)/.venv/bin:$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(DB) \
+	  $(PY) -m mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(PORT)
+
+.PHONY: help install data run sweep test bench ui serve

@@ -1,42 +1,14 @@
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from conftest import make_digits, run_cli
-from mnist_sweep import data, sweep, tracking, train
-from mnist_sweep.model import ConvNet
-
-
-@pytest.fixture(scope="session")
-def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
-    """A ConvNet([4, 8]) trained for a few steps (right on some digits only), logged as pt2 to an
-    MLflow store of its own and registered as mnist-cnn@champion, as a sweep would."""
-    root, md5 = tiny_mnist
-    train_set, _ = data.load(data.prepare(root, md5, log=lambda line: None), torch.device("cpu"))
-    torch.manual_seed(0)
-    model = ConvNet([4, 8])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)  # about half right
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train.train_epoch(model, optimizer, constant, train_set, batch_size=32, seed=0)
-    model.eval()
-
-    store = tmp_path_factory.mktemp("mlflow")
-    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
-    tracking.use_store(tracking_uri, "tiny", str(store / "mlartifacts"))
-    with tracking.run("tiny-run", {}, {}) as active:
-        tracking.log_outputs(model, None, train_set.images[:2], "pt2")
-        mlflow.log_metric("test_acc", 0.5)  # what promote compares
-    run = mlflow.get_run(active.info.run_id)
-    sweep.promote(MlflowClient(), run)
-    return SimpleNamespace(model=model, tracking_uri=tracking_uri, run_id=run.info.run_id,
-                           model_uri=run.data.tags[tracking.MODEL_URI_TAG])
+from mnist_sweep import tracking
 
 
 def test_every_uri_form_resolves_to_the_logged_model(logged_model):

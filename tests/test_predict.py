@@ -5,7 +5,6 @@ from PIL import Image
 
 from conftest import run_cli
 from mnist_sweep.predict import to_mnist
-from test_evaluate import logged_model  # noqa: F401 - a fixture (belongs in conftest)
 
 CONTRAST = 200  # grey levels between the paper and full ink in the drawn images
 

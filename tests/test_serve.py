@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import make_digits
-from test_evaluate import logged_model  # noqa: F401 - a fixture (belongs in conftest)
 
 pytestmark = pytest.mark.slow  # starts a real server: ~10 s
 
