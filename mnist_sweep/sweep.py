@@ -108,11 +108,13 @@ class MlflowSweepCallback(Callback):
             if not trials:
                 return None
             best = max(trials, key=lambda t: t.value)
-            parents = {p.info.run_id for p in client.search_runs([experiment], f"tags.`{STUDY_TAG}` = '{self.study_name}'")}
-            runs = client.search_runs([experiment], f"tags.trial = '{best.number}'")
+            study_runs = client.search_runs([experiment], f"tags.`{STUDY_TAG}` = '{self.study_name}'")
+            parents = {run.info.run_id for run in study_runs}
+            # a diverged run has no test_acc metric: it can only be "best" if every trial diverged
+            runs = client.search_runs([experiment], f"tags.trial = '{best.number}' and metrics.test_acc >= 0")
             runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
         else:
-            query = f"tags.mlflow.parentRunId = '{self.parent_id}'"
+            query = f"tags.mlflow.parentRunId = '{self.parent_id}' and metrics.test_acc >= 0"
             runs = client.search_runs([experiment], query, order_by=["metrics.test_acc DESC"], max_results=1)
         return runs[0] if runs else None
 

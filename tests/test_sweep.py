@@ -92,6 +92,14 @@ def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
     assert "FAILED" in statuses and "FINISHED" in statuses and parent.info.status == "FINISHED"
 
 
+def test_a_sweep_where_every_trial_diverges_still_ends_cleanly(overrides, tmp_path):
+    sweep(overrides, "hydra.sweeper.n_trials=2", "optim.lr=1e8")
+    assert [t.value for t in study(tmp_path).get_trials()] == [0.0, 0.0]
+    client, (parent,), _ = runs(tmp_path)
+    assert parent.info.status == "FINISHED" and "best_run_id" not in parent.data.tags
+    assert not client.search_registered_models()  # nothing worth registering
+
+
 def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_path):
     sweep(overrides, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
           "hydra.sweeper.n_trials=4")
