@@ -35,7 +35,10 @@ def pick_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # e.g. cuda:x
+        raise DeviceError(f"device={name} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
     available = {
         "cpu": True,
         "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),

@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 
 from mnist_sweep.config import CONF_DIR, ConfigError, validate
 from mnist_sweep.model import ConvNet
+from mnist_sweep.train import DeviceError, pick_device
 
 
 def options(group: str) -> list[str]:
@@ -77,6 +78,16 @@ def test_model_standardises_raw_pixels_itself():
 def test_validation_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_with(override))
+
+
+@pytest.mark.parametrize("name", ["cuda:x", "cuda:7", "mps"])
+def test_a_device_this_machine_lacks_is_a_clear_error(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=f"device={name} is not"):
+        pick_device(name)
+    assert pick_device("auto") == torch.device("cpu")
 
 
 def test_wrong_type_fails_at_compose_time():
