@@ -54,16 +54,18 @@ def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_ru
         ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
     active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=dict(tags))
+    status = RunStatus.FAILED
     try:
         mlflow.log_params(dict(params))
         yield active
+        status = RunStatus.FINISHED
     except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        status = RunStatus.KILLED
         raise
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        mlflow.end_run(RunStatus.to_string(status))
+        log.info("MLflow run %s (%s) %s in %s", name, active.info.run_id, RunStatus.to_string(status),
+                 mlflow.get_tracking_uri())
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
