@@ -33,14 +33,14 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, train.DeviceError, data.DataError) as err:
         raise SystemExit(f"error: {err}") from None  # one line: the message says what to change
     hydra_cfg = HydraConfig.get()
-    train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
+    threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
     train_set, test_set = data.load(tensors, device)
     model, optimizer, scheduler = build(cfg, device, steps=cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size))
 
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
     try:
-        with tracking.run(**describe_run(cfg, hydra_cfg)):
+        with tracking.run(**describe_run(cfg, hydra_cfg, threads)):
             metrics = train.fit(
                 model, optimizer, scheduler, train_set, test_set,
                 epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
@@ -61,13 +61,14 @@ def build(cfg: DictConfig, device: torch.device, steps: int):
     return model, optimizer, instantiate(cfg.scheduler)(optimizer, total_steps=steps)
 
 
-def describe_run(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
+def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int) -> dict:
     """The MLflow run's name, params and tags; in a sweep, its parent run and trial number."""
     choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "optim", "scheduler")}
     tags = {
         "hydra.overrides": " ".join(hydra_cfg.overrides.task),
         "hydra.output_dir": hydra_cfg.runtime.output_dir,
         "mlflow.source.git.commit": tracking.git_commit(PROJECT_ROOT) or "unknown",
+        "torch.threads": str(threads),  # what threads=0 (auto) became
     }
     parent = os.environ.get(tracking.PARENT_RUN_ENV) if hydra_cfg.mode == RunMode.MULTIRUN else None
     if parent:  # trials are asked in job order, from the study's size when the sweep started

@@ -1,5 +1,7 @@
 """The core run end to end on the tiny data: what lands in MLflow, and how a run ends."""
 
+import os
+
 import numpy as np
 import mlflow
 import pytest
@@ -53,6 +55,7 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     assert "optim.lr=0.05" in run.data.tags["hydra.overrides"]
     assert run.data.tags["hydra.output_dir"].startswith(str(tmp_path / "outputs" / "runs"))
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.tags["torch.threads"] == str(os.cpu_count())  # threads=0, one process: every core
 
     for name in ("train_loss", "test_loss", "test_acc", "epoch_seconds", "images_per_second"):
         history = client.get_metric_history(run.info.run_id, name)
