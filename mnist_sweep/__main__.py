@@ -2,56 +2,102 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 import warnings
 from pathlib import Path
 
 import hydra
+import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from hydra_plugins.mnist_sweep import StudySweeper
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_sweep import data, tracking, train
+from mnist_sweep import data, study, sweep, tracking, train
 from mnist_sweep.config import PROJECT_ROOT, ConfigError, validate
 
 log = logging.getLogger("mnist_sweep")
 # hydra-optuna-sweeper 1.3 still builds optuna 2's distribution classes; optuna 5 accepts them.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(hydra_plugins|optuna)\.")
+# An editable install hides the plugin from Hydra's scan of the hydra_plugins namespace.
+Plugins.instance().register(StudySweeper)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Train, evaluate and log one run; return its final test accuracy (0.0 if it diverged)."""
+    """Train, evaluate and log one run; return its final test accuracy (0.0 if it diverged; the
+    last reported accuracy if its study's pruner stopped it)."""
+    hydra_cfg = HydraConfig.get()
     try:
         validate(cfg)
         device = train.pick_device(cfg.device)
+        trial = join_trial(cfg, hydra_cfg)
         tensors = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
-    except (ConfigError, train.DeviceError, data.DataError) as err:
+    except (ConfigError, train.DeviceError, data.DataError, study.StudyError) as err:
         raise SystemExit(f"error: {err}") from None  # one line: the message says what to change
-    hydra_cfg = HydraConfig.get()
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
     train_set, test_set = data.load(tensors, device)
     model, optimizer, scheduler = build(cfg, device, steps=cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size))
+    checks = cfg.pruning.checks_per_epoch if trial and trial.prunes else 0  # only a pruner reads them
 
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
-    try:
-        with tracking.run(**describe_run(cfg, hydra_cfg, threads)):
-            metrics = train.fit(
-                model, optimizer, scheduler, train_set, test_set,
-                epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                seed=cfg.seed, on_epoch=tracking.log_epoch,
-            )
-            tracking.log_outputs(model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
-                                 test_set.images[:2], cfg.mlflow.model_format)
-    except train.Diverged as err:
-        log.error("run diverged: %s (returning test_acc 0.0)", err)
-        return 0.0  # a finite worst score: the Optuna sweeper crashes on NaN
-    return metrics["test_acc"]
+    with trial or contextlib.nullcontext():  # heartbeats; a crash fails the trial
+        try:
+            with tracking.run(**describe_run(cfg, hydra_cfg, threads, trial), pruned=(optuna.TrialPruned,)) as run:
+                if trial:
+                    trial.attach(study.RUN_ID_ATTR, run.info.run_id)  # the study's way back to MLflow
+                metrics = train.fit(
+                    model, optimizer, scheduler, train_set, test_set,
+                    epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                    seed=cfg.seed, on_epoch=on_epoch(trial, checks), checks_per_epoch=checks,
+                    check_set=first(test_set, cfg.pruning.check_images), on_check=on_check(trial),
+                )
+                tracking.log_outputs(model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
+                                     test_set.images[:2], cfg.mlflow.model_format)
+        except train.Diverged as err:
+            log.error("run diverged: %s (returning test_acc 0.0)", err)
+            return trial.complete(0.0) if trial else 0.0  # a finite worst score: the sweeper crashes on NaN
+        except optuna.TrialPruned as err:
+            log.info("%s", err)
+            return trial.prune()
+    return trial.complete(metrics["test_acc"]) if trial else metrics["test_acc"]
+
+
+def first(split: data.Split, n: int) -> data.Split:
+    return data.Split(split.images[:n], split.labels[:n])
+
+
+def join_trial(cfg: DictConfig, hydra_cfg: DictConfig) -> study.JobTrial | None:
+    """This job's trial, as the study sweeper handed it (``optuna.study``, ``optuna.trial``); None
+    for a single run or a plain grid."""
+    if cfg.optuna.trial is None:
+        return None
+    sweeper = hydra_cfg.sweeper
+    return study.join(cfg.optuna.study, cfg.optuna.trial, sweeper.get("storage"), instantiate(sweeper.pruner),
+                      sweeper.get("heartbeat_interval"))
+
+
+def on_epoch(trial: study.JobTrial | None, checks: int) -> train.EpochCallback:
+    """Log the epoch's metrics, then report its test accuracy to the trial (which may stop it)."""
+    def log_and_report(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_epoch(epoch, metrics)
+        if trial:
+            trial.report(epoch * (checks + 1), metrics["test_acc"])
+    return log_and_report
+
+
+def on_check(trial: study.JobTrial | None) -> train.CheckCallback:
+    def log_and_report(step: int, accuracy: float) -> None:
+        tracking.log_check(step, accuracy)
+        if trial:
+            trial.report(step, accuracy)
+    return log_and_report
 
 
 def build(cfg: DictConfig, device: torch.device, steps: int):
@@ -61,7 +107,7 @@ def build(cfg: DictConfig, device: torch.device, steps: int):
     return model, optimizer, instantiate(cfg.scheduler)(optimizer, total_steps=steps)
 
 
-def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int) -> dict:
+def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: study.JobTrial | None) -> dict:
     """The MLflow run's name, params and tags; in a sweep, its parent run and trial number."""
     choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "optim", "scheduler")}
     tags = {
@@ -70,12 +116,17 @@ def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int) -> dict:
         "mlflow.source.git.commit": tracking.git_commit(PROJECT_ROOT) or "unknown",
         "torch.threads": str(threads),  # what threads=0 (auto) became
     }
-    parent = os.environ.get(tracking.PARENT_RUN_ENV) if hydra_cfg.mode == RunMode.MULTIRUN else None
-    if parent:  # trials are asked in job order, from the study's size when the sweep started
-        tags["trial"] = str(int(os.environ[tracking.FIRST_TRIAL_ENV]) + hydra_cfg.job.num)
+    parent = None
+    if trial:
+        tags |= {sweep.TRIAL_TAG: str(trial.number), sweep.STUDY_TAG: trial.study.study_name}
+        parent = trial.study.user_attrs.get(sweep.PARENT_ATTR)
+    elif hydra_cfg.mode == RunMode.MULTIRUN:
+        parent = sweep.grid_parent(hydra_cfg.sweep.dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    del config["optuna"]  # the trial's identity: tags, not params
     return {
         "name": f"{choices['model']}-{choices['optim']}-lr{cfg.optim.lr:.3g}-bs{cfg.data.batch_size}",
-        "params": {**choices, **tracking.flatten(OmegaConf.to_container(cfg, resolve=True))},
+        "params": {**choices, **tracking.flatten(config)},
         "tags": tags,
         "parent_run_id": parent,
     }

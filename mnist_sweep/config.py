@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -37,6 +38,18 @@ class MlflowConfig:
 
 
 @dataclass
+class OptunaTrialConfig:
+    study: Optional[str] = None  # set by the study sweeper for each job: its study...
+    trial: Optional[int] = None  # ...and its trial number there
+
+
+@dataclass
+class PruningConfig:
+    checks_per_epoch: int = MISSING
+    check_images: int = MISSING
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
@@ -48,20 +61,30 @@ class Config:
     seed: int = MISSING
     device: str = MISSING
     threads: int = MISSING
+    optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+
+
+@dataclass
+class StudySweeperConfig(OptunaSweeperConf):
+    """hydra-optuna-sweeper's config keys, plus what a study shared by many workers needs
+    (the values and their comments are in conf/hydra/sweeper/search.yaml)."""
+
+    _target_: str = "hydra_plugins.mnist_sweep.StudySweeper"
+    tracker: Any = None
+    pruner: Any = None
+    heartbeat_interval: Optional[int] = None
+    grace_period: Optional[int] = None
+    max_retry: int = 0
+    max_trials: Optional[int] = None
+    timeout: Optional[float] = None
 
 
 ConfigStore.instance().store(name="schema", node=Config)
-
-
-def _study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
-    from mnist_sweep.sweep import continuing_seed  # optuna loads only when a sweep starts
-
-    return continuing_seed(seed, storage, study_name)
-
+ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConfig, provider="mnist_sweep")
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
-    OmegaConf.register_new_resolver("study_seed", _study_seed)
 
 
 class ConfigError(ValueError):
@@ -78,6 +101,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.mlflow.model_format in ("pt2", "pickle", None),
          f"mlflow.model_format must be pt2, pickle or null, got {cfg.mlflow.model_format!r}"),
         (cfg.threads >= 0, f"threads must be >= 0 (0 = every core), got {cfg.threads}"),
+        (cfg.pruning.checks_per_epoch >= 0, f"pruning.checks_per_epoch must be >= 0, got {cfg.pruning.checks_per_epoch}"),
+        (cfg.pruning.check_images >= 1, f"pruning.check_images must be >= 1, got {cfg.pruning.check_images}"),
+        ((cfg.optuna.study is None) == (cfg.optuna.trial is None),
+         "optuna.study and optuna.trial are set together (the study sweeper sets both)"),
         (
             cfg.device.split(":")[0] in DEVICES,
             f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {cfg.device!r}",

@@ -1,142 +1,186 @@
-"""Sweeps: one MLflow parent run per sweep, the study's results on it, and the champion model.
+"""A sweep in MLflow: one parent run per study with its trials as children, the study's summary on
+it, and the champion model.
 
-Hydra calls :class:`MlflowSweepCallback` around every ``-m`` run (``hydra.callbacks`` in
-``conf/config.yaml``); each trial is an ordinary training run nested under the parent.
+:class:`MlflowStudy` is the study sweeper's tracker (``hydra.sweeper.tracker``): every worker of a
+study nests its trials under the same parent, and refreshes the summary when it ends. A plain grid
+(``hydra/sweeper=basic``) has no study: :class:`MlflowGridCallback` gives each invocation a parent.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from omegaconf import DictConfig
+from optuna.trial import TrialState
 
-from mnist_sweep import tracking
+from mnist_sweep import stores, tracking
+from mnist_sweep.study import RUN_ID_ATTR
 
 log = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "mnist-cnn"
 CHAMPION = "champion"
 STUDY_TAG = "optuna.study"
+TRIAL_TAG = "trial"
+GRID_TAG = "sweep.dir"  # a grid's parent: the sweep directory its jobs share
+FAILURE_TAG = "failure"
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's parent run
+PARENT_WAIT_S = 60  # how long a worker waits for the worker that created the study to make its parent
 
 
-def continuing_seed(seed: int, storage: str | None, study_name: str | None) -> int:
-    """The sampler seed: ``seed`` plus the trials the study already has.
+class MlflowStudy:
+    """The MLflow side of a study, driven by the study sweeper (``hydra.sweeper.tracker``)."""
 
-    A seeded sampler replays the same first points every time it starts; offsetting the seed by
-    the study's size makes a resumed sweep propose new points while staying reproducible.
-    """
-    if not storage or not study_name:
-        return seed
-    return seed + len(_study_trials(storage, study_name))
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str) -> None:
+        self.tracking_uri, self.experiment, self.artifact_root = tracking_uri, experiment, artifact_root
+        self.parent_id: str | None = None
+
+    def open(self, study: optuna.Study, created: bool) -> None:
+        """Find or make the study's parent run and mark it RUNNING: this worker is alive."""
+        experiment_id = tracking.use_store(self.tracking_uri, self.experiment, self.artifact_root)
+        client = MlflowClient()
+        self.parent_id = study_parent(client, experiment_id, study, created)
+        client.update_run(self.parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        log.info("MLflow parent run %s (%s)", study.study_name, self.parent_id)
+
+    def close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None:
+        """Refresh the parent's summary and the champion; end the parent unless other workers still
+        run trials (the last worker to end ends it)."""
+        client = MlflowClient()
+        with stores.lock(self.tracking_uri):  # two workers ending together: one champion, one version
+            end_orphaned_runs(client, study)
+            best = best_run(client, study)
+            summarize(client, self.parent_id, study, best, results_file)
+            if best is not None:
+                promote(client, best)
+            if not study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+                status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
+                client.set_terminated(self.parent_id, RunStatus.to_string(status))
 
 
-def _study_trials(storage: str, study_name: str) -> list:
-    import optuna
+def study_parent(client: MlflowClient, experiment_id: str, study: optuna.Study, created: bool) -> str:
+    """The study's parent run id, race-free: only the worker that created the study (a unique name
+    in its database) makes the parent; the others wait for its id to appear on the study."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    # a study that already has trials, or a long wait, means the creator is gone (or predates this)
+    while not created and PARENT_ATTR not in study.user_attrs and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.5)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if parent is not None:
+        try:
+            client.get_run(parent)
+            return parent
+        except mlflow.exceptions.MlflowException:  # this MLflow store lost it: make another
+            log.warning("the study's parent run %s is not in this MLflow store: making a new one", parent)
+    parent = client.create_run(experiment_id, run_name=study.study_name,
+                               tags={STUDY_TAG: study.study_name}).info.run_id
+    study.set_user_attr(PARENT_ATTR, parent)
+    return parent
 
+
+def end_orphaned_runs(client: MlflowClient, study: optuna.Study) -> None:
+    """End FAILED the runs of trials whose worker died: the study failed the trial (no heartbeat),
+    but nobody was left to end its run."""
+    for trial in study.get_trials(deepcopy=False, states=[TrialState.FAIL]):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id is None or client.get_run(run_id).info.status != "RUNNING":
+            continue
+        client.set_tag(run_id, FAILURE_TAG, "its worker stopped mid-trial (no heartbeat): the study failed the trial")
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        log.warning("trial %d: its worker died; run %s ended FAILED", trial.number, run_id)
+
+
+def best_run(client: MlflowClient, study: optuna.Study) -> Run | None:
+    """The run of the study's best trial; None while no trial has completed with a test_acc
+    (a diverged run scores 0.0 and logs none)."""
     try:
-        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:  # no such study yet
-        return []
+        best = study.best_trial
+    except ValueError:
+        return None
+    run_id = best.user_attrs.get(RUN_ID_ATTR)
+    run = client.get_run(run_id) if run_id else None
+    return run if run is not None and "test_acc" in run.data.metrics else None
 
 
-class MlflowSweepCallback(Callback):
-    """Opens the parent run before the first trial and fills it in after the last."""
+def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: Run | None, results_file: str) -> None:
+    """The study so far on its parent: best value and params (tags: they change as the study
+    grows), ``optimization_results.yaml`` and the plots."""
+    finished = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
+    if best is not None:
+        client.log_metric(parent_id, "best_test_acc", best.data.metrics["test_acc"], step=len(finished))
+        client.set_tag(parent_id, "best_run_id", best.info.run_id)
+        client.set_tag(parent_id, "best.trial", best.data.tags.get(TRIAL_TAG, ""))
+        for key in ("model", "optim.lr", "data.batch_size"):
+            client.set_tag(parent_id, f"best.{key}", best.data.params.get(key))
+    client.set_tag(parent_id, "trials", f"{len(finished)} finished")
+    if Path(results_file).exists():
+        client.log_artifact(parent_id, results_file)
+    log_study_plots(client, parent_id, study)
+
+
+class MlflowGridCallback(Callback):
+    """Gives a plain grid (``hydra/sweeper=basic``) a parent run per invocation; its jobs find it by
+    the sweep directory they share. Study sweeps track themselves (``hydra.sweeper.tracker``)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str) -> None:
         self.tracking_uri, self.experiment, self.artifact_root = tracking_uri, experiment, artifact_root
         self.parent_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweeper = config.hydra.sweeper
-        self.storage, self.study_name = sweeper.get("storage"), sweeper.get("study_name")
-        # Created here, before any worker starts, so parallel trials never race to create them.
+        if "tracker" in config.hydra.sweeper:
+            return
         experiment_id = tracking.use_store(self.tracking_uri, self.experiment, self.artifact_root)
-        self.first_trial = len(_study_trials(self.storage, self.study_name)) if self.study_name else 0
-        name = self.study_name or f"sweep-{Path(config.hydra.sweep.dir).name}"
-        tags = {"sweep.dir": str(config.hydra.sweep.dir)}
-        if self.study_name:
-            tags[STUDY_TAG] = self.study_name
-        # A client run, not mlflow.start_run: trials in this process start their own active run.
-        self.parent_id = MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
-        os.environ[tracking.PARENT_RUN_ENV] = self.parent_id
-        os.environ[tracking.FIRST_TRIAL_ENV] = str(self.first_trial)
+        sweep_dir = str(config.hydra.sweep.dir)
+        name = f"sweep-{Path(sweep_dir).name}"
+        self.parent_id = MlflowClient().create_run(experiment_id, run_name=name, tags={GRID_TAG: sweep_dir}).info.run_id
         atexit.register(self._stopped_early)
         log.info("MLflow parent run %s (%s)", name, self.parent_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None:
+            return
         atexit.unregister(self._stopped_early)
-        for var in (tracking.PARENT_RUN_ENV, tracking.FIRST_TRIAL_ENV):
-            os.environ.pop(var, None)
         client = MlflowClient()
-        status = RunStatus.FAILED  # unless everything below succeeds
-        try:
-            self._summarize(client, Path(config.hydra.sweep.dir))
-            status = RunStatus.FINISHED
-        finally:
-            client.set_terminated(self.parent_id, RunStatus.to_string(status))
-
-    def _summarize(self, client: MlflowClient, sweep_dir: Path) -> None:
-        best = self._best_run(client)
-        if best is not None:
-            client.log_metric(self.parent_id, "best_test_acc", best.data.metrics["test_acc"])
-            client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
-            for key in ("model", "optim.lr", "data.batch_size"):
-                client.log_param(self.parent_id, f"best.{key}", best.data.params.get(key))
-            promote(client, best)
-        results = sweep_dir / "optimization_results.yaml"
-        if results.exists():
-            client.log_artifact(self.parent_id, str(results))
-        if self.study_name:
-            log_study_plots(client, self.parent_id, self.storage, self.study_name)
-
-    def _best_run(self, client: MlflowClient):
-        """The best trial's run: the study's best (which may come from an earlier invocation),
-        or for a grid sweep the best child of this parent."""
         experiment = client.get_experiment_by_name(self.experiment).experiment_id
-        if self.study_name:
-            trials = [t for t in _study_trials(self.storage, self.study_name) if t.value is not None]
-            if not trials:
-                return None
-            best = max(trials, key=lambda t: t.value)
-            study_runs = client.search_runs([experiment], f"tags.`{STUDY_TAG}` = '{self.study_name}'")
-            parents = {run.info.run_id for run in study_runs}
-            # a diverged run has no test_acc metric: it can only be "best" if every trial diverged
-            runs = client.search_runs([experiment], f"tags.trial = '{best.number}' and metrics.test_acc >= 0")
-            runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
-        else:
-            query = f"tags.mlflow.parentRunId = '{self.parent_id}' and metrics.test_acc >= 0"
-            runs = client.search_runs([experiment], query, order_by=["metrics.test_acc DESC"], max_results=1)
-        return runs[0] if runs else None
+        query = f"tags.mlflow.parentRunId = '{self.parent_id}' and metrics.test_acc >= 0"
+        runs = client.search_runs([experiment], query, order_by=["metrics.test_acc DESC"], max_results=1)
+        if runs:
+            client.log_metric(self.parent_id, "best_test_acc", runs[0].data.metrics["test_acc"])
+            client.set_tag(self.parent_id, "best_run_id", runs[0].info.run_id)
+            with stores.lock(self.tracking_uri):
+                promote(client, runs[0])
+        client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def _stopped_early(self) -> None:
-        """At exit after Ctrl-C or a crash: end what this sweep left running."""
+        """At exit after Ctrl-C or a crash: end what this grid left running."""
         client = MlflowClient()
         experiment = client.get_experiment_by_name(self.experiment).experiment_id
         query = f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'"
         for child in client.search_runs([experiment], query):
             client.set_terminated(child.info.run_id, RunStatus.to_string(RunStatus.KILLED))
         client.set_terminated(self.parent_id, RunStatus.to_string(RunStatus.KILLED))
-        if self.study_name:
-            import optuna
-
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
-            for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-                if trial.number >= self.first_trial:
-                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-def promote(client: MlflowClient, best) -> None:
-    """Register the best run's model; point ``champion`` at it if it beats the current champion."""
+def grid_parent(sweep_dir: str) -> str | None:
+    """The parent run of the grid whose jobs write under ``sweep_dir``."""
+    runs = mlflow.search_runs(filter_string=f"tags.`{GRID_TAG}` = '{sweep_dir}'", output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def promote(client: MlflowClient, best: Run) -> None:
+    """Register the best run's model (once per run); point ``champion`` at it if it beats the
+    current champion. Callers hold the store's lock: the read and the move must not interleave."""
     acc = best.data.metrics["test_acc"]
     try:
         current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
@@ -153,21 +197,20 @@ def promote(client: MlflowClient, best) -> None:
     if model_uri is None:
         log.warning("best run %s logged no model (mlflow.model_format=null): nothing to register", best.info.run_id)
         return
-    version = mlflow.register_model(model_uri, REGISTERED_MODEL)
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{best.info.run_id}'")
+    version = versions[0] if versions else mlflow.register_model(model_uri, REGISTERED_MODEL)
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
     log.info("registered %s v%s (test_acc %.4f) as @%s", REGISTERED_MODEL, version.version, acc, CHAMPION)
 
 
-def log_study_plots(client: MlflowClient, run_id: str, storage: str, study_name: str) -> None:
+def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     """Optimization history, parameter importances and parallel coordinates, as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.visualization import matplotlib as plots
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, plot in {

@@ -19,13 +19,12 @@ import torch
 from mlflow.entities import RunStatus
 from torch import nn
 
+from mnist_sweep import stores
+
 log = logging.getLogger(__name__)
 
-# The environment variables through which a sweep's parent run reaches its trials, which may run
-# in other processes (joblib workers inherit the environment of the process that starts them).
-PARENT_RUN_ENV = "MNIST_SWEEP_PARENT_RUN_ID"
-FIRST_TRIAL_ENV = "MNIST_SWEEP_FIRST_TRIAL"
 MODEL_URI_TAG = "model_uri"
+PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
 ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
@@ -36,29 +35,31 @@ def use_store(tracking_uri: str, experiment: str, artifact_root: str) -> str:
     them to ``./mlruns`` in whatever directory the run started.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        mlflow.set_experiment(experiment_id=found.experiment_id)
-        return found.experiment_id
-    Path(artifact_root).mkdir(parents=True, exist_ok=True)
-    try:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
-    except mlflow.exceptions.MlflowException:  # another process created it first
-        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+    with stores.lock(tracking_uri):  # a new sqlite store's schema migration must not run twice at once
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            Path(artifact_root).mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
+            found = mlflow.get_experiment_by_name(experiment)
+    mlflow.set_experiment(experiment_id=found.experiment_id)
+    return found.experiment_id
 
 
 @contextlib.contextmanager
-def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_run_id: str | None = None
-        ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
+def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_run_id: str | None = None,
+        pruned: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C, and
+    KILLED with a ``pruned`` tag (the reason) on one of the ``pruned`` exceptions."""
     active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=dict(tags))
     status = RunStatus.FAILED
     try:
         mlflow.log_params(dict(params))
         yield active
         status = RunStatus.FINISHED
+    except pruned as stop:
+        mlflow.set_tag(PRUNED_TAG, str(stop))
+        status = RunStatus.KILLED
+        raise
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
@@ -86,6 +87,11 @@ def git_commit(repo: Path) -> str | None:
 
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
     mlflow.log_metrics(dict(metrics), step=epoch)
+
+
+def log_check(step: int, accuracy: float) -> None:
+    """An accuracy check inside an epoch (``step`` counts checks and epoch ends alike)."""
+    mlflow.log_metric("check_acc", accuracy, step=step)
 
 
 def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor, model_format: str | None) -> None:

@@ -70,13 +70,20 @@ def train_epoch(
     seed: int,
     fmt: torch.memory_format = torch.contiguous_format,
     progress: bool = False,
+    checks: int = 0,
+    on_check: Callable[[int], None] = lambda check: None,
 ) -> float:
-    """One pass over ``train_set`` in an order drawn from ``seed``; returns the mean training loss."""
+    """One pass over ``train_set`` in an order drawn from ``seed``; returns the mean training loss.
+
+    ``on_check(j)`` runs after the batch that ends the j-th of ``checks + 1`` equal parts of the
+    epoch, for j = 1..checks (the epoch's end is the caller's).
+    """
     model.train()
     total = torch.zeros((), device=train_set.labels.device)
     steps = math.ceil(len(train_set) / batch_size)
-    for images, labels in tqdm(batches(train_set, batch_size, seed), total=steps, disable=not progress,
-                               leave=False, unit="batch"):
+    check_after = {steps * j // (checks + 1): j for j in range(1, checks + 1)}
+    for step, (images, labels) in enumerate(tqdm(batches(train_set, batch_size, seed), total=steps,
+                                                 disable=not progress, leave=False, unit="batch"), start=1):
         loss = F.cross_entropy(model(images.contiguous(memory_format=fmt)), labels)
         if not torch.isfinite(loss):
             raise Diverged(f"training loss became {loss.item()}; lower optim.lr")
@@ -85,6 +92,9 @@ def train_epoch(
         optimizer.step()
         scheduler.step()
         total += loss.detach() * len(labels)
+        if step in check_after:
+            on_check(check_after[step])
+            model.train()
     return total.item() / len(train_set)
 
 
@@ -106,6 +116,7 @@ def evaluate(
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+CheckCallback = Callable[[int, float], None]
 
 
 def fit(
@@ -119,9 +130,15 @@ def fit(
     eval_batch_size: int,
     seed: int,
     on_epoch: EpochCallback = lambda epoch, metrics: None,
+    checks_per_epoch: int = 0,
+    check_set: Split | None = None,
+    on_check: CheckCallback = lambda step, accuracy: None,
 ) -> dict[str, float]:
     """Train for ``epochs``, evaluating after each; returns the last epoch's metrics.
 
+    ``checks_per_epoch`` times inside each epoch (evenly spaced), the accuracy on ``check_set`` goes
+    to ``on_check(step, accuracy)``; ``step`` counts checks and epoch ends together, so epoch e
+    ends at step ``e * (checks_per_epoch + 1)``. A callback stops training by raising.
     Raises :class:`Diverged` as soon as the loss is not finite.
     """
     device = train_set.labels.device
@@ -131,7 +148,13 @@ def fit(
     metrics: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(model, optimizer, scheduler, train_set, batch_size, seed + epoch, fmt, progress)
+        first_step = (epoch - 1) * (checks_per_epoch + 1)
+
+        def check(j: int) -> None:
+            on_check(first_step + j, evaluate(model, check_set, eval_batch_size, fmt)["test_acc"])
+
+        train_loss = train_epoch(model, optimizer, scheduler, train_set, batch_size, seed + epoch, fmt, progress,
+                                 checks_per_epoch if check_set is not None else 0, check)
         if device.type == "cuda":
             torch.cuda.synchronize()  # so the time below is the epoch's, not the launch queue's
         seconds = time.perf_counter() - start
