@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from conftest import run_cli
 from mnist_sweep.config import PROJECT_ROOT
-from mnist_sweep.sweep import CHAMPION, REGISTERED_MODEL
+from mnist_sweep.study import RUN_ID_ATTR
+from mnist_sweep.sweep import CHAMPION, FAILURE_TAG, PARENT_ATTR, REGISTERED_MODEL, STUDY_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,19 @@ def sweep(overrides: list[str], *args: str) -> subprocess.CompletedProcess:
 
 def study(tmp_path, name="mnist_sweep") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+
+
+def assert_runs_match_trials(kids, trials) -> None:
+    """Each run carries its trial's number, and trained that trial's params; the trial points back."""
+    by_number = {t.number: t for t in trials}
+    for kid in kids:
+        trial = by_number[int(kid.data.tags["trial"])]
+        assert kid.data.tags[STUDY_TAG] == "mnist_sweep"
+        assert float(kid.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
+        assert kid.data.params["model"] == trial.params["model"]
+        assert trial.user_attrs[RUN_ID_ATTR] == kid.info.run_id
+        if trial.state == optuna.trial.TrialState.COMPLETE and "test_acc" in kid.data.metrics:
+            assert kid.data.metrics["test_acc"] == pytest.approx(trial.value)
 
 
 def runs(tmp_path) -> tuple[MlflowClient, list, dict]:
@@ -49,21 +63,21 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     (parent,) = parents
     kids = children[parent.info.run_id]
     assert parent.info.run_name == "mnist_sweep" and parent.info.status == "FINISHED"
+    assert parent.data.tags[STUDY_TAG] == "mnist_sweep"
+    assert study(tmp_path).user_attrs[PARENT_ATTR] == parent.info.run_id
     assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
     assert sorted(k.data.tags["trial"] for k in kids) == ["0", "1", "2"]
-    for kid in kids:  # each child's params are its trial's, as numbers the UI can sort
-        trial = trials[int(kid.data.tags["trial"])]
-        assert float(kid.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
+    assert_runs_match_trials(kids, trials)
+    for kid in kids:
         # data.batch_size=32 is fixed by the overrides: Optuna keeps fixed values as user attributes
-        assert kid.data.params["data.batch_size"] == trial.user_attrs["data.batch_size"] == "32"
-        assert kid.data.params["model"] == trial.params["model"]
-        assert kid.data.metrics["test_acc"] == pytest.approx(trial.value)
+        assert kid.data.params["data.batch_size"] == trials[0].user_attrs["data.batch_size"] == "32"
+        assert "optuna.trial" not in kid.data.params  # the trial's identity is a tag
 
     best = max(trials, key=lambda t: t.value)
     assert parent.data.metrics["best_test_acc"] == pytest.approx(best.value)
     best_kid = client.get_run(parent.data.tags["best_run_id"])
-    assert best_kid.data.tags["trial"] == str(best.number)
-    assert parent.data.params["best.model"] == best.params["model"]
+    assert best_kid.data.tags["trial"] == str(best.number) == parent.data.tags["best.trial"]
+    assert parent.data.tags["best.model"] == best.params["model"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "optimization_results.yaml" in artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
@@ -71,15 +85,18 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     assert champion.run_id == best_kid.info.run_id
 
-    sweep(overrides, "hydra.sweeper.n_trials=2")  # same study name: continues it
+    sweep(overrides, "hydra.sweeper.n_trials=2")  # same study name: continues it, under the same parent
     trials = study(tmp_path).get_trials()
     assert len(trials) == 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     first_points = [t.params for t in trials[:2]]
     assert all(t.params not in first_points for t in trials[3:])  # not a replay of the first trials
-    _, parents, children = runs(tmp_path)
-    assert len(parents) == 2
-    newest = max(parents, key=lambda p: p.info.start_time)
-    assert sorted(k.data.tags["trial"] for k in children[newest.info.run_id]) == ["3", "4"]
+    client, parents, children = runs(tmp_path)
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert sorted(k.data.tags["trial"] for k in children[parent.info.run_id]) == ["0", "1", "2", "3", "4"]
+    assert_runs_match_trials(children[parent.info.run_id], trials)
+    history = client.get_metric_history(parent.info.run_id, "best_test_acc")
+    assert sorted(m.step for m in history) == [3, 5]  # refreshed by each invocation, step = finished trials
 
 
 def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
@@ -110,6 +127,7 @@ def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_pat
     kids = children[parent.info.run_id]
     assert sorted(k.data.tags["trial"] for k in kids) == ["0", "1", "2", "3"]
     assert {k.info.status for k in kids} == {"FINISHED"}
+    assert_runs_match_trials(kids, trials)
     # threads=0 (auto) splits the cores between the two workers
     assert {k.data.tags["torch.threads"] for k in kids} == {str(max(1, os.cpu_count() // 2))}
 
@@ -148,3 +166,108 @@ def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
     _, (parent,), children = runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in {k.info.status for k in children[parent.info.run_id]}
+
+
+def start_sweep(overrides: list[str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mnist_sweep", "-m", *overrides, *args], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def test_two_workers_started_together_share_one_study_and_one_parent(overrides, tmp_path):
+    workers = [start_sweep(overrides, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / f'w{i}'}")
+               for i in range(2)]
+    for proc in workers:
+        finish(proc)
+    trials = study(tmp_path).get_trials()
+    assert len(trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    points = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(points)) == 6  # different seeds: no duplicate proposals
+
+    client, parents, children = runs(tmp_path)
+    (parent,) = parents  # one parent, though both workers found a fresh store
+    kids = children[parent.info.run_id]
+    assert sorted(int(k.data.tags["trial"]) for k in kids) == list(range(6))
+    assert_runs_match_trials(kids, trials)
+    assert {k.info.status for k in kids} == {"FINISHED"} and parent.info.status == "FINISHED"
+    best = max(trials, key=lambda t: t.value)
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    assert client.get_run(champion.run_id).data.metrics["test_acc"] == pytest.approx(best.value)
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert len({v.run_id for v in versions}) == len(versions)  # never two versions of one run
+
+
+def test_a_lone_worker_replays_its_search_from_the_seed(overrides, tmp_path):
+    for name in ("a", "b"):
+        sweep(overrides, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}")
+    assert [t.params for t in study(tmp_path, "a").get_trials()] == [t.params for t in study(tmp_path, "b").get_trials()]
+
+
+def test_a_killed_worker_loses_nothing_once_another_worker_runs(overrides, tmp_path):
+    heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    proc = start_sweep(overrides, *heartbeat, "hydra.sweeper.n_trials=10", "epochs=30")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait for a completed trial and a running one with its run
+            time.sleep(0.5)
+            try:
+                trials = study(tmp_path).get_trials()
+            except (KeyError, Exception):  # the store or the study is not there yet
+                continue
+            states = [t.state for t in trials]
+            if optuna.trial.TrialState.COMPLETE in states and RUN_ID_ATTR in trials[-1].user_attrs \
+                    and states[-1] == optuna.trial.TrialState.RUNNING:
+                break
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    before = study(tmp_path).get_trials()
+    killed = before[-1]
+    assert killed.state == optuna.trial.TrialState.RUNNING  # what a dead worker leaves behind
+    time.sleep(4)  # past the grace period
+
+    sweep(overrides, *heartbeat, "hydra.sweeper.n_trials=1")
+    after = study(tmp_path).get_trials()
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in after}
+    assert after[killed.number].state == optuna.trial.TrialState.FAIL
+    completed = [t.number for t in before if t.state == optuna.trial.TrialState.COMPLETE]
+    assert completed and all(after[n].state == optuna.trial.TrialState.COMPLETE for n in completed)
+    client, (parent,), children = runs(tmp_path)
+    assert "RUNNING" not in {k.info.status for k in children[parent.info.run_id]} | {parent.info.status}
+    orphan = client.get_run(killed.user_attrs[RUN_ID_ATTR])
+    assert orphan.info.status == "FAILED" and "heartbeat" in orphan.data.tags[FAILURE_TAG]
+
+
+def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
+    sweep(overrides, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
+          "hydra.sweeper.n_trials=6", "epochs=3", "model=shallow", "optim.lr=choice(0.05, 1e-6)")
+    trials = study(tmp_path).get_trials()
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    # once a good trial has set the median, every hopeless one stops at its first check
+    first_good = min(t.number for t in trials if t.params["optim.lr"] == 0.05)
+    hopeless = [t for t in trials if t.params["optim.lr"] == 1e-6 and t.number > first_good]
+    assert hopeless and all(t.state == optuna.trial.TrialState.PRUNED for t in hopeless)
+    steps_per_trial = 3 * (1 + 3)  # 3 epochs, 3 checks inside each and its end
+    assert all(max(t.intermediate_values) < steps_per_trial for t in pruned)
+    client, (parent,), _ = runs(tmp_path)
+    for trial in pruned:
+        run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "KILLED" and f"trial {trial.number} pruned" in run.data.tags["pruned"]
+        assert len(client.get_metric_history(run.info.run_id, "check_acc")) >= 1  # it keeps its metrics
+        assert len(client.get_metric_history(run.info.run_id, "test_acc")) < 3  # fewer epochs trained
+    assert parent.info.status == "FINISHED"
+
+
+def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
+    for _ in range(2):  # two invocations asking for 2 each share a study-wide cap of 3
+        sweep(overrides, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_trials=3")
+    assert len(study(tmp_path).get_trials()) == 3
+    sweep(overrides, "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=0.5", "hydra.sweeper.study_name=timed")
+    assert len(study(tmp_path, "timed").get_trials()) == 1  # the first trial outlasts the budget
