@@ -19,7 +19,11 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    (data.load, ConvNet, optimizer, scheduler built untimed, then ``train.fit`` timed: train + test).
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (model=shallow, 4 trials,
    spawn to exit), first 1 worker x 2 threads, then joblib with 2 workers x 1 thread.
-4. With CUDA the bare loop runs on the GPU after one warm-up fit; its fit time is the GPU's time to
+4. Pruning: the same seeded search (model=shallow, ``PRUNE_EPOCHS`` epochs a trial, the default
+   learning-rate and batch-size space, ``PRUNE_TRIALS`` trials) once per pruner (none, median,
+   hyperband), spawn to exit: wall time, best test accuracy, trials pruned. Target: a pruner saves
+   >= 35% of the wall time for the same best accuracy (within 0.05 pt).
+5. With CUDA the bare loop runs on the GPU after one warm-up fit; its fit time is the GPU's time to
    99.0% after warm-up.
 
 Bench runs go to the experiment ``bench`` in a store of their own, ``<out>/mlflow.db``: a sweep
@@ -54,6 +58,9 @@ from torch import nn
 TARGET_ACC = 0.99
 CLASSIC_EPOCHS = 14  # the example's default --epochs: the cap when 99.0% is never reached
 SWEEP_TRIALS = 4     # per mode: two batches of the 2-worker sweep
+PRUNERS = ("none", "median", "hyperband")
+PRUNE_TRIALS = 10    # per pruner: enough past TPE's 6 random startup trials for pruning to matter
+PRUNE_EPOCHS = 2     # a trial's length: pruning can save most of it
 ROWS = (             # every table row, in order (the smoke test checks them)
     "classic recipe: time to 99.0%",
     "mnist_sweep: time to 99.0%",
@@ -63,6 +70,8 @@ ROWS = (             # every table row, in order (the smoke test checks them)
     "framework overhead, per run",
     "sweep, 1 worker x 2 threads",
     "sweep, 2 workers x 1 thread",
+    *(f"search, pruner {name}" for name in PRUNERS),
+    *(f"wall time saved by {name} pruning" for name in PRUNERS[1:]),
     "GPU: fit to 99.0% after warm-up",
 )
 
@@ -217,6 +226,40 @@ def time_sweep(workers: int, n_trials: int, study: str, out: Path, overrides: li
     return {"seconds": seconds, "completed": len(trials), "asked": n_trials, "per_min": 60 * len(trials) / seconds}
 
 
+def time_search(pruner: str, n_trials: int, epochs: int, study: str, out: Path, overrides: list[str]) -> dict:
+    """One seeded search with ``pruner``: wall time, best test accuracy and its trial, trials pruned."""
+    import optuna
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"optuna\.")
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    cmd = ["-m", "mnist_sweep", "-m", "model=shallow", f"epochs={epochs}", f"hydra/sweeper/pruner={pruner}",
+           f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.study_name={study}",
+           f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={out / 'sweeps' / study}", *overrides]
+    _, _, seconds = run_process(cmd, f"the search with pruner {pruner}")
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value, default=None)
+    return {"seconds": seconds, "trials": len(trials), "best": best.value if best else None,
+            "best_params": best.params if best else {},
+            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)}
+
+
+def search_text(run: dict) -> tuple[str, str, str]:
+    best = "n/a" if run["best"] is None else f"{100 * run['best']:.2f}%"
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run["best_params"].items())
+    return (f"{run['seconds']:.0f} s, best {best}", "",
+            f"{run['trials']} trials, {run['pruned']} pruned; best trial: {params}")
+
+
+def saving_text(base: dict, run: dict) -> tuple[str, str, str]:
+    if base["best"] is None or run["best"] is None:
+        return "n/a", ">= 35% less, best within 0.05 pt", "a search completed no trial"
+    saved, delta = 1 - run["seconds"] / base["seconds"], 100 * (run["best"] - base["best"])
+    met = saved >= 0.35 and abs(delta) <= 0.05 + 1e-9
+    return (f"{100 * saved:.0f}% less, best {delta:+.2f} pt",
+            f">= 35% less, best within 0.05 pt: {'met' if met else 'not met'}", "against pruner none")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -255,7 +298,7 @@ def target_text(target: str, value: float | None, limit: float) -> str:
     return f"{target}: {'met' if value <= limit else 'not met'}"
 
 
-def report(machine: dict, command: str, classic: list, ours: list, bare: list, sweeps: dict) -> str:
+def report(machine: dict, command: str, classic: list, ours: list, bare: list, sweeps: dict, searches: dict) -> str:
     classic_t = [r["to_target_s"] for r in classic]
     ours_t = [r["to_target_s"] for r in ours]
     ratio = None
@@ -279,6 +322,8 @@ def report(machine: dict, command: str, classic: list, ours: list, bare: list, s
         (f"{overhead:.1f} s", target_text("<= 3 s", overhead, 3.0), "process - bare fit (medians)"),
         *[(f"{s['per_min']:.1f} trials/min", "",
            f"{s['completed']} of {s['asked']} trials completed in {s['seconds']:.1f} s") for s in sweeps.values()],
+        *(search_text(searches[name]) for name in PRUNERS),
+        *(saving_text(searches["none"], searches[name]) for name in PRUNERS[1:]),
         (seconds_text(gpu) if gpu else "no GPU", target_text("<= 1 s", gpu_s, 1.0) if gpu else "<= 1 s",
          "train.fit on CUDA after one warm-up fit" if gpu else "CUDA is not available here"),
     ]
@@ -348,8 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         sweeps[workers] = time_sweep(workers, 2 if args.quick else SWEEP_TRIALS, f"bench-{stamp}-{workers}w",
                                      out, overrides)
 
+    searches = {}
+    for pruner in PRUNERS:
+        print(f"bench: search with pruner {pruner}", file=sys.stderr, flush=True)
+        searches[pruner] = time_search(pruner, 2 if args.quick else PRUNE_TRIALS, 1 if args.quick else PRUNE_EPOCHS,
+                                       f"bench-{stamp}-{pruner}", out, overrides)
+
     command = " ".join(["python -m mnist_sweep.bench", *(sys.argv[1:] if argv is None else argv)])
-    table = report(machine, command, classic, ours, bare, sweeps)
+    table = report(machine, command, classic, ours, bare, sweeps, searches)
     if args.quick:
         table += "\nQuick run: a smoke test of the benchmark, not a measurement.\n"
     print(table)
