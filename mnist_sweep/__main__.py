@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_sweep import data, tracking, train
+from mnist_sweep import data, tensors, tracking, train
 from mnist_sweep.config import PROJECT_ROOT, ConfigError, validate
 
 log = logging.getLogger("mnist_sweep")
@@ -29,13 +29,13 @@ def main(cfg: DictConfig) -> float:
     try:
         validate(cfg)
         device = train.pick_device(cfg.device)
-        tensors = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
+        tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
     except (ConfigError, train.DeviceError, data.DataError) as err:
         raise SystemExit(f"error: {err}") from None  # one line: the message says what to change
     hydra_cfg = HydraConfig.get()
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
-    train_set, test_set = data.load(tensors, device)
+    train_set, test_set = tensors.load(tensor_file, device)
     model, optimizer, scheduler = build(cfg, device, steps=cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size))
 
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
