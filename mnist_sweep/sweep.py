@@ -63,7 +63,7 @@ class MlflowSweepCallback(Callback):
         experiment_id = tracking.use_store(self.tracking_uri, self.experiment, self.artifact_root)
         self.first_trial = len(_study_trials(self.storage, self.study_name)) if self.study_name else 0
         name = self.study_name or f"sweep-{Path(config.hydra.sweep.dir).name}"
-        tags = {"sweep.dir": str(config.hydra.sweep.dir)}
+        tags = {"sweep.dir": str(config.hydra.sweep.dir), **tracking.source_tags("python -m mnist_sweep -m")}
         if self.study_name:
             tags[STUDY_TAG] = self.study_name
         # A client run, not mlflow.start_run: trials in this process start their own active run.

@@ -51,6 +51,8 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     assert parent.info.run_name == "mnist_sweep" and parent.info.status == "FINISHED"
     assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
     assert sorted(k.data.tags["trial"] for k in kids) == ["0", "1", "2"]
+    assert {r.data.tags["mlflow.source.name"] for r in [parent, *kids]} == {"python -m mnist_sweep -m"}
+    assert all(sorted(i.dataset.name for i in k.inputs.dataset_inputs) == ["mnist-test", "mnist-train"] for k in kids)
     for kid in kids:  # each child's params are its trial's, as numbers the UI can sort
         trial = trials[int(kid.data.tags["trial"])]
         assert float(kid.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
