@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import run_cli
 from mnist_sweep.config import PROJECT_ROOT
-from mnist_sweep.study import RUN_ID_ATTR
+from mnist_sweep.study import RUN_ID_ATTR, open_storage
 from mnist_sweep.sweep import CHAMPION, FAILURE_TAG, PARENT_ATTR, REGISTERED_MODEL, STUDY_TAG
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,10 @@ def sweep(overrides: list[str], *args: str) -> subprocess.CompletedProcess:
 
 
 def study(tmp_path, name="mnist_sweep") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    # Through open_storage: it takes the store's lock, so a test polling a sweep that is still
+    # creating the database's schema waits for it instead of racing it.
+    storage = open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def assert_runs_match_trials(kids, trials) -> None:
