@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from hydra_plugins.mnist_sweep import StudySweeper
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_sweep import data, study, sweep, tracking, train
+from mnist_sweep import data, study, sweep, tensors, tracking, train
 from mnist_sweep.config import PROJECT_ROOT, ConfigError, validate
 
 log = logging.getLogger("mnist_sweep")
@@ -37,12 +37,12 @@ def main(cfg: DictConfig) -> float:
         validate(cfg)
         device = train.pick_device(cfg.device)
         trial = join_trial(cfg, hydra_cfg)
-        tensors = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
+        tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
     except (ConfigError, train.DeviceError, data.DataError, study.StudyError) as err:
         raise SystemExit(f"error: {err}") from None  # one line: the message says what to change
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
-    train_set, test_set = data.load(tensors, device)
+    train_set, test_set = tensors.load(tensor_file, device)
     model, optimizer, scheduler = build(cfg, device, steps=cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size))
     checks = cfg.pruning.checks_per_epoch if trial and trial.prunes else 0  # only a pruner reads them
 
@@ -69,8 +69,8 @@ def main(cfg: DictConfig) -> float:
     return trial.complete(metrics["test_acc"]) if trial else metrics["test_acc"]
 
 
-def first(split: data.Split, n: int) -> data.Split:
-    return data.Split(split.images[:n], split.labels[:n])
+def first(split: tensors.Split, n: int) -> tensors.Split:
+    return tensors.Split(split.images[:n], split.labels[:n])
 
 
 def join_trial(cfg: DictConfig, hydra_cfg: DictConfig) -> study.JobTrial | None:

