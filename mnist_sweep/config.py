@@ -6,6 +6,7 @@ Hydra's message; :func:`validate` adds the range checks a type cannot express.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mnist_sweep.model import MAX_BLOCKS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The checkout this package runs from: outputs/ and data/ are anchored here, not in the cwd, so
@@ -91,28 +94,59 @@ class ConfigError(ValueError):
     """A config value is out of range; the message names the key and what is allowed."""
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # bool is a subclass of int: true is no width
+
+
+def _number(value: Any) -> bool:
+    return _integer(value) or isinstance(value, float)
+
+
+# Every documented constraint as (key, test, what is allowed). The model, optimizer and schedule
+# groups are free-form (``_target_`` objects), so a wrong type or range there would otherwise
+# surface mid-run, or never: an even kernel trains a different network without a word.
+# A key its group does not have (AdamW has no momentum) is skipped.
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.channels", lambda v: OmegaConf.is_list(v) and 1 <= len(v) <= MAX_BLOCKS
+     and all(_integer(c) and c >= 1 for c in v), f"a list of 1 to {MAX_BLOCKS} positive widths, one per block"),
+    ("model.convs_per_block", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("model.kernel_size", lambda v: _integer(v) and v >= 1 and v % 2 == 1,
+     "a positive odd integer (padding keeps the map size only for odd kernels)"),
+    ("model.batch_norm", lambda v: isinstance(v, bool), "true or false"),
+    ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("optim.lr", lambda v: _number(v) and v > 0, "> 0"),
+    ("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("optim.nesterov", lambda v: isinstance(v, bool), "true or false"),
+    # torch takes floats only here: [0, 0.5] must be written [0.0, 0.5]
+    ("optim.betas", lambda v: OmegaConf.is_list(v) and len(v) == 2
+     and all(isinstance(b, float) and 0 <= b < 1 for b in v), "two floats in [0, 1), like [0.9, 0.999]"),
+    ("optim.weight_decay", lambda v: _number(v) and v >= 0, ">= 0"),
+    ("scheduler.pct_start", lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
+    ("scheduler.div_factor", lambda v: _number(v) and v > 0, "> 0"),
+    ("scheduler.final_div_factor", lambda v: _number(v) and v > 0, "> 0"),
+    ("scheduler.cycle_momentum", lambda v: isinstance(v, bool), "true or false"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("threads", lambda v: v >= 0, ">= 0 (0 = every core)"),
+    ("pruning.checks_per_epoch", lambda v: v >= 0, ">= 0"),
+    ("pruning.check_images", lambda v: v >= 1, ">= 1"),
+    ("device", lambda v: v.split(":")[0] in DEVICES, f"one of {', '.join(DEVICES)} (or cuda:N)"),
+    ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
+]
+_ABSENT = object()
+
+
 def validate(cfg: DictConfig) -> None:
-    """Range checks, run before any data is loaded or MLflow run created."""
-    checks = [
-        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
-        (cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}"),
-        (cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}"),
-        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.mlflow.model_format in ("pt2", "pickle", None),
-         f"mlflow.model_format must be pt2, pickle or null, got {cfg.mlflow.model_format!r}"),
-        (cfg.threads >= 0, f"threads must be >= 0 (0 = every core), got {cfg.threads}"),
-        (cfg.pruning.checks_per_epoch >= 0, f"pruning.checks_per_epoch must be >= 0, got {cfg.pruning.checks_per_epoch}"),
-        (cfg.pruning.check_images >= 1, f"pruning.check_images must be >= 1, got {cfg.pruning.check_images}"),
-        ((cfg.optuna.study is None) == (cfg.optuna.trial is None),
-         "optuna.study and optuna.trial are set together (the study sweeper sets both)"),
-        (
-            cfg.device.split(":")[0] in DEVICES,
-            f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {cfg.device!r}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Every rule in :data:`RULES`, run before any data is loaded or MLflow run created."""
+    for key, ok, allowed in RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not ok(value):
+            raise ConfigError(f"{key} must be {allowed}, got {'null' if value is None else repr(value)}")
+    if cfg.optim.get("nesterov") and not cfg.optim.momentum:
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
+    if (cfg.optuna.study is None) != (cfg.optuna.trial is None):
+        raise ConfigError("optuna.study and optuna.trial are set together (the study sweeper sets both)")
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -91,7 +91,8 @@ def main(argv: list[str]) -> int:
         model_uri, source_run_id = tracking.resolve_model(requested)
         model = tracking.load_model(model_uri)
         # CPU: a pt2 model stays on the device it was exported from, which tracking makes the CPU
-        tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=lambda line: print(line, file=sys.stderr))
+        tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5),
+                                   log=lambda line: print(line, file=sys.stderr))
         _, test_set = tensors.load(tensor_file, torch.device("cpu"))
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
         print("error: " + " ".join(str(err).split()), file=sys.stderr)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 IMAGE_SIDE = 28
+MAX_BLOCKS = 4  # each block halves the 28×28 map: a fifth would pool a 1×1 map away
 # MNIST training-set pixel statistics in raw 0-255 units: the model standardises its own input,
 # so a saved or served model takes raw pixels and no caller can forget the preprocessing.
 PIXEL_MEAN, PIXEL_STD = 0.1307 * 255, 0.3081 * 255
@@ -30,9 +31,10 @@ class ConvNet(nn.Module):
         num_classes: int = 10,
     ):
         super().__init__()
-        if not 1 <= len(channels) <= 4:
-            # each block halves the 28×28 map: a fifth would pool a 1×1 map away
-            raise ValueError(f"model.channels needs 1 to 4 blocks, got {len(channels)}")
+        if not 1 <= len(channels) <= MAX_BLOCKS:
+            raise ValueError(f"model.channels needs 1 to {MAX_BLOCKS} blocks, got {len(channels)}")
+        if kernel_size % 2 == 0:  # an even kernel would grow each map by one pixel: a different network
+            raise ValueError(f"model.kernel_size must be odd, got {kernel_size}")
         layers: list[nn.Module] = []
         width, side = 1, IMAGE_SIDE
         for out in channels:

@@ -65,19 +65,74 @@ def test_model_standardises_raw_pixels_itself():
 
 
 @pytest.mark.parametrize(
-    "override,message",
+    "overrides,message",
     [
-        ("optim.lr=0", "optim.lr must be > 0"),
-        ("optim.lr=-0.1", "optim.lr must be > 0"),
-        ("data.batch_size=0", "data.batch_size must be >= 1"),
-        ("epochs=0", "epochs must be >= 1"),
-        ("device=tpu", "device must be one of auto, cpu, cuda, mps"),
-        ("mlflow.model_format=onnx", "mlflow.model_format must be pt2, pickle or null"),
+        (["optim.lr=0"], "optim.lr must be > 0, got 0"),
+        (["optim.lr=-0.1"], "optim.lr must be > 0"),
+        (["optim.lr=abc"], "optim.lr must be > 0, got 'abc'"),
+        (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        (["data.eval_batch_size=0"], "data.eval_batch_size must be >= 1"),
+        (["epochs=0"], "epochs must be >= 1"),
+        (["threads=-1"], "threads must be >= 0"),
+        (["device=tpu"], "device must be one of auto, cpu, cuda, mps"),
+        (["mlflow.model_format=onnx"], "mlflow.model_format must be pt2, pickle or null"),
+        (["model.kernel_size=4"], "model.kernel_size must be a positive odd integer .*, got 4"),
+        (["model.kernel_size=-1"], "model.kernel_size must be a positive odd integer"),
+        (["model.kernel_size=3.0"], "model.kernel_size must be a positive odd integer"),
+        (["model.channels=[]"], r"model.channels must be a list of 1 to 4 positive widths, one per block, got \[\]"),
+        (["model.channels=[8,8,8,8,8]"], "model.channels must be a list of 1 to 4"),
+        (["model.channels=[8,0]"], "model.channels must be a list of 1 to 4 positive widths"),
+        (["model.channels=[8,true]"], "model.channels must be a list of 1 to 4 positive widths"),
+        (["model.channels=16"], "model.channels must be a list"),
+        (["model.convs_per_block=0"], "model.convs_per_block must be an integer >= 1"),
+        (["model.batch_norm=maybe"], "model.batch_norm must be true or false, got 'maybe'"),
+        (["model.dropout=1.5"], r"model.dropout must be in \[0, 1\), got 1.5"),
+        (["model.dropout=1"], r"model.dropout must be in \[0, 1\)"),
+        (["model.dropout=-0.1"], r"model.dropout must be in \[0, 1\)"),
+        (["model.dropout=null"], r"model.dropout must be in \[0, 1\), got null"),
+        (["optim.momentum=1.0"], r"optim.momentum must be in \[0, 1\)"),
+        (["optim.momentum=-0.5"], r"optim.momentum must be in \[0, 1\)"),
+        (["optim.momentum=0"], "optim.nesterov=true needs optim.momentum > 0, got 0"),
+        (["optim.nesterov=yes"], "optim.nesterov must be true or false"),
+        (["optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0"),
+        (["optim=adam", "optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0"),
+        (["optim=adam", "optim.betas=[0.9,1.0]"], r"optim.betas must be two floats in \[0, 1\)"),
+        (["optim=adam", "optim.betas=[0.9]"], r"optim.betas must be two floats in \[0, 1\)"),
+        (["optim=adam", "optim.betas=[0,0.5]"], r"optim.betas must be two floats .*, got \[0, 0.5\]"),
+        (["scheduler.pct_start=0"], r"scheduler.pct_start must be in \(0, 1\)"),
+        (["scheduler.pct_start=1"], r"scheduler.pct_start must be in \(0, 1\)"),
+        (["scheduler.div_factor=0"], "scheduler.div_factor must be > 0"),
+        (["scheduler.final_div_factor=-1"], "scheduler.final_div_factor must be > 0"),
+        (["scheduler.cycle_momentum=1"], "scheduler.cycle_momentum must be true or false"),
     ],
 )
-def test_validation_errors(override, message):
-    with pytest.raises(ConfigError, match=message):
-        validate(compose_with(override))
+def test_every_documented_constraint_is_a_one_line_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(compose_with(*overrides))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.kernel_size=5", "model.channels=[8]", "model.dropout=0.5", "model.convs_per_block=2"],
+    ["optim.momentum=0", "optim.nesterov=false", "optim.weight_decay=0"],
+    ["optim=adam", "optim.betas=[0.0,0.5]"],
+    ["scheduler.pct_start=0.9", "scheduler.cycle_momentum=false"],
+])
+def test_values_inside_the_constraints_pass_and_build(overrides):
+    """Each constraint is no tighter than torch: what validate accepts builds and runs a step."""
+    cfg = compose_with(*overrides)
+    validate(cfg)
+    net = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optim)(net.parameters())
+    schedule = instantiate(cfg.scheduler)(optimizer, total_steps=10)
+    net(torch.zeros(2, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    schedule.step()
+
+
+def test_an_even_kernel_is_refused_by_the_model_itself():
+    with pytest.raises(ValueError, match="model.kernel_size must be odd, got 4"):
+        ConvNet([8, 16, 32], kernel_size=4)
 
 
 @pytest.mark.parametrize("name", ["cuda:x", "cuda:7", "mps"])

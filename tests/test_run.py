@@ -115,10 +115,26 @@ def test_interrupted_run_ends_killed(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [("optim.lr=0", "error: optim.lr must be > 0"), ("data.batch_size=0", "error: data.batch_size must be >= 1"),
-     ("epochs=0", "error: epochs must be >= 1"), ("device=tpu", "error: device must be one of")],
+     ("epochs=0", "error: epochs must be >= 1"), ("device=tpu", "error: device must be one of"),
+     ("model.kernel_size=4", "error: model.kernel_size must be a positive odd integer"),
+     ("model.dropout=1.5", "error: model.dropout must be in [0, 1), got 1.5"),
+     ("model.channels=[]", "error: model.channels must be a list of 1 to 4 positive widths")],
 )
 def test_bad_input_is_one_line_before_any_run_exists(overrides, tmp_path, override, message):
     done = run_cli("mnist_sweep", *overrides, override)
     assert done.returncode != 0
     assert done.stderr.strip().startswith(message) and done.stderr.strip().count("\n") == 0, done.stderr
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("override", ["model.kernel_size=4", "model.dropout=1.5", "model.channels=[]",
+                                      "optim.momentum=0", "scheduler.pct_start=0"])
+def test_config_errors_fire_before_any_data_loads(overrides, tmp_path, monkeypatch, override):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data.prepare ran before the config was checked")
+
+    monkeypatch.setattr(data, "prepare", no_data)
+    with pytest.raises(SystemExit) as exit_:
+        run_in_process([*overrides, override], tmp_path / "run")
+    message = str(exit_.value)
+    assert message.startswith("error: ") and override.split("=")[0] in message and "\n" not in message
