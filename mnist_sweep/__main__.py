@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> float:
             with tracking.run(**describe_run(cfg, hydra_cfg, threads, trial), pruned=(optuna.TrialPruned,)) as run:
                 if trial:
                     trial.attach(study.RUN_ID_ATTR, run.info.run_id)  # the study's way back to MLflow
+                tracking.log_datasets(data.datasets(Path(cfg.data.root), dict(cfg.data.md5)))
                 metrics = train.fit(
                     model, optimizer, scheduler, train_set, test_set,
                     epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
@@ -111,6 +112,7 @@ def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: st
     """The MLflow run's name, params and tags; in a sweep, its parent run and trial number."""
     choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "optim", "scheduler")}
     tags = {
+        **tracking.source_tags("python -m mnist_sweep" + (" -m" if hydra_cfg.mode == RunMode.MULTIRUN else "")),
         "hydra.overrides": " ".join(hydra_cfg.overrides.task),
         "hydra.output_dir": hydra_cfg.runtime.output_dir,
         "mlflow.source.git.commit": tracking.git_commit(PROJECT_ROOT) or "unknown",

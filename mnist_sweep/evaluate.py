@@ -105,9 +105,12 @@ def main(argv: list[str]) -> int:
 
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
     source_name = mlflow.get_run(source_run_id).info.run_name
-    tags = {SOURCE_RUN_TAG: source_run_id, SOURCE_MODEL_TAG: model_uri, REQUESTED_MODEL_TAG: requested}
+    tags = {SOURCE_RUN_TAG: source_run_id, SOURCE_MODEL_TAG: model_uri, REQUESTED_MODEL_TAG: requested,
+            **tracking.source_tags("python -m mnist_sweep.evaluate")}
     params = {"data.root": cfg.data.root, "test_images": len(test_set)}
     with tracking.run(f"evaluate-{source_name}", params, tags) as active:
+        tracking.log_datasets([info for info in data.datasets(Path(cfg.data.root), dict(cfg.data.md5))
+                               if info.context == "testing"])
         # model_id links the metrics to the logged model, so its page in the UI shows them
         mlflow.log_metrics(metrics, model_id=model_uri.removeprefix("models:/"))
         mlflow.log_dict({"rows_true_columns_predicted": counts.tolist()}, "confusion_matrix.json")

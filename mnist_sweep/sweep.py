@@ -83,8 +83,8 @@ def study_parent(client: MlflowClient, experiment_id: str, study: optuna.Study, 
             return parent
         except mlflow.exceptions.MlflowException:  # this MLflow store lost it: make another
             log.warning("the study's parent run %s is not in this MLflow store: making a new one", parent)
-    parent = client.create_run(experiment_id, run_name=study.study_name,
-                               tags={STUDY_TAG: study.study_name}).info.run_id
+    tags = {STUDY_TAG: study.study_name, **tracking.source_tags("python -m mnist_sweep -m")}
+    parent = client.create_run(experiment_id, run_name=study.study_name, tags=tags).info.run_id
     study.set_user_attr(PARENT_ATTR, parent)
     return parent
 
@@ -143,7 +143,8 @@ class MlflowGridCallback(Callback):
         experiment_id = tracking.use_store(self.tracking_uri, self.experiment, self.artifact_root)
         sweep_dir = str(config.hydra.sweep.dir)
         name = f"sweep-{Path(sweep_dir).name}"
-        self.parent_id = MlflowClient().create_run(experiment_id, run_name=name, tags={GRID_TAG: sweep_dir}).info.run_id
+        tags = {GRID_TAG: sweep_dir, **tracking.source_tags("python -m mnist_sweep -m")}
+        self.parent_id = MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
         atexit.register(self._stopped_early)
         log.info("MLflow parent run %s (%s)", name, self.parent_id)
 

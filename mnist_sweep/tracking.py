@@ -9,17 +9,22 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from torch import nn
 
 from mnist_sweep import stores
+from mnist_sweep.data import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,30 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """What started a run, for the runs table's Source column: the command as typed.
+
+    MLflow's own default is the script path, here always ``__main__.py``.
+    """
+    return {MLFLOW_SOURCE_NAME: command, MLFLOW_SOURCE_TYPE: "LOCAL"}
+
+
+def log_datasets(infos: Sequence[DatasetInfo]) -> None:
+    """The active run's data as MLflow dataset inputs (name, digest, source, context): the runs
+    table's Dataset column. Metadata only, in one call: ~4 ms a run, where ``mlflow.data.from_numpy``
+    on the 70,000 images costs ~25 ms (~0.1 s the first time) and digests a sample of rows, not
+    the canonical bytes."""
+    datasets = [MetaDataset(_dataset_source(info.source), name=info.name, digest=info.digest) for info in infos]
+    mlflow.log_inputs(datasets, contexts=[info.context for info in infos], tags_list=[None] * len(infos))
+
+
+def _dataset_source(url: str):
+    """An http(s) URL or a file:// URI as MLflow's matching dataset source."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # file:// matches two identical local source types
+        return resolve_dataset_source(url)
 
 
 def git_commit(repo: Path) -> str | None:

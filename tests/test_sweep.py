@@ -82,6 +82,8 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     assert len(kids) == 3 and {k.info.status for k in kids} == {"FINISHED"}
     assert sorted(k.data.tags["trial"] for k in kids) == ["0", "1", "2"]
     assert_runs_match_trials(kids, trials)
+    assert {r.data.tags["mlflow.source.name"] for r in [parent, *kids]} == {"python -m mnist_sweep -m"}
+    assert all(sorted(i.dataset.name for i in k.inputs.dataset_inputs) == ["mnist-test", "mnist-train"] for k in kids)
     for kid in kids:
         # data.batch_size=32 is fixed by the overrides: Optuna keeps fixed values as user attributes
         assert kid.data.params["data.batch_size"] == trials[0].user_attrs["data.batch_size"] == "32"
