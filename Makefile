@@ -2,12 +2,11 @@
 .DEFAULT_GOAL := help
 PY    := .venv/bin/python
 STAMP := .venv/.installed
-DB    := outputs/mlflow.db
 MODEL ?= models:/mnist-cnn@champion
 PORT  ?= 5001
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3.11 -m venv .venv
@@ -34,12 +33,16 @@ test: $(STAMP)  ## run the test suite (tiny synthetic data, no network)
 bench: $(STAMP)  ## time to 99.0% vs the classic PyTorch recipe, overhead, sweep trials/min (QUICK=1: smoke test)
 	$(PY) -m mnist_sweep.bench $(if $(QUICK),--quick) $(ARGS)
 
-ui: $(STAMP)  ## open the MLflow UI on http://127.0.0.1:5000
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DB) --host 127.0.0.1 --port 5000
+ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000; prints the link to the runs table (ARGS=paths.outputs=DIR)
+	$(PY) -m mnist_sweep.servers ui $(ARGS)
 
-serve: $(STAMP)  ## serve a registered model on http://127.0.0.1:5001 (MODEL=models:/mnist-cnn/2 PORT=5002)
-	@# mlflow starts uvicorn by name: the venv's bin directory goes on PATH
-	PATH="$(CURDIR)/.venv/bin:$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/$(DB) \
-	  $(PY) -m mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(PORT)
+dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1:8080: the sweep's study, live while it runs
+	$(PY) -m mnist_sweep.servers dashboard $(ARGS)
 
-.PHONY: help install data run sweep test bench ui serve
+serve: $(STAMP)  ## serve a model on 127.0.0.1:5001, if it exists (MODEL=runs:/<run id>/model PORT=5002)
+	$(PY) -m mnist_sweep.servers model model_uri=$(MODEL) port=$(PORT) $(ARGS)
+
+screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
+	$(PY) docs/screenshots.py $(ARGS)
+
+.PHONY: help install data run sweep test bench ui dashboard serve screenshots

@@ -149,13 +149,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("optuna.study and optuna.trial are set together (the study sweeper sets both)")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The training config with command-line overrides, for entry points other than training."""
+def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The training config with command-line overrides, for entry points other than training;
+    ``with_hydra`` keeps the ``hydra`` node (the sweeper's study storage lives there)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 def split_args(argv: list[str], keys: tuple[str, ...]) -> tuple[dict[str, list[str]], list[str]]:

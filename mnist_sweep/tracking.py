@@ -167,28 +167,42 @@ class ModelNotFound(LookupError):
     """A model URI that names no loadable model; the message says which and why."""
 
 
-def resolve_model(uri: str) -> tuple[str, str]:
+def resolve_model(uri: str, option: str = "model_uri") -> tuple[str, str]:
     """``runs:/<id>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
     ``models:/m-…`` or a bare run id → (a loadable ``models:/m-…`` URI, the id of the run that logged it).
 
     A bare run id means the model that run logged (its ``model_uri`` tag, else ``runs:/<id>/model``).
+    ``option`` is how the user passed the URI (``model_uri``, or ``MODEL`` for ``make serve``): errors
+    quote it, and a registry name or alias that does not exist yet says what to pass instead.
     """
     if re.fullmatch(r"[0-9a-f]{32}", uri):
         try:
             tags = mlflow.get_run(uri).data.tags
         except mlflow.exceptions.MlflowException as err:
-            raise ModelNotFound(f"model_uri={uri}: {err.message}") from None
+            raise ModelNotFound(f"{option}={uri}: {err.message}") from None
         uri = tags.get(MODEL_URI_TAG, f"runs:/{uri}/model")
     elif not uri.startswith(("runs:/", "models:/")):  # anything else MLflow would read as a local path
         raise ModelNotFound(
-            f"model_uri={uri} is not runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version> "
+            f"{option}={uri} is not runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version> "
             "or a 32-character run id"
         )
     try:
         info = mlflow.models.get_model_info(uri)
     except mlflow.exceptions.MlflowException as err:
-        raise ModelNotFound(f"model_uri={uri}: {err.message}") from None
+        registry = uri.startswith("models:/") and not uri.startswith("models:/m-")
+        raise ModelNotFound(f"{option}={uri}: {err.message}" + (_what_exists(option) if registry else "")) from None
     return info.model_uri, info.run_id
+
+
+def _what_exists(option: str) -> str:
+    """For a registered model or alias that is not there: the latest run's model, or what to run first."""
+    latest = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.{MODEL_URI_TAG} LIKE 'models:/%'",
+                                order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not latest:
+        return ". No run in this store has logged a model yet: train one (make run) or run a sweep (make sweep)"
+    run = latest[0].info
+    return (f". A sweep registers its best run's model as the champion: run one (make sweep), or pass "
+            f"{option}=runs:/{run.run_id}/model, the latest run's model ({run.run_name})")
 
 
 def load_model(uri: str) -> nn.Module:

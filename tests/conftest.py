@@ -96,3 +96,15 @@ def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
     sweep.promote(MlflowClient(), run)
     return SimpleNamespace(model=model, tracking_uri=tracking_uri, run_id=run.info.run_id,
                            model_uri=run.data.tags[tracking.MODEL_URI_TAG])
+
+
+@pytest.fixture(scope="session")
+def store_without_champion(tmp_path_factory) -> SimpleNamespace:
+    """An MLflow store where two runs logged a model and no sweep registered one: ``make run`` twice."""
+    store = tmp_path_factory.mktemp("no_champion")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+    tracking.use_store(tracking_uri, "mnist_sweep", str(store / "mlartifacts"))
+    for name in ("older-run", "newer-run"):
+        with tracking.run(name, {}, {}) as active:
+            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")  # pickle: the fast one
+    return SimpleNamespace(tracking_uri=tracking_uri, latest_run_id=active.info.run_id)

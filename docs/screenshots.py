@@ -1,0 +1,245 @@
+"""Remake the README's pictures (``make screenshots``): a small sweep into a temporary store, the
+MLflow UI on it (started as ``make ui`` starts it), and headless Chromium driven over the DevTools
+protocol. Debian's ``chromium`` is used as installed; nothing downloads a browser.
+
+    python docs/screenshots.py [--out docs] [--trials 6] [override ...]
+
+The overrides reach the sweep (``data.root=DIR``; the tests pass tiny synthetic data). A picture is
+taken only once the page shows what it should (every trial, the chosen columns, the charts), so a
+blank page or MLflow's GenAI overview fails the script instead of landing in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+from websockets.sync.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE, CHART = "runs-table.png", "trials-chart.png"
+# What the runs table shows: the score and the searched params first, then what each run trained
+# on and what started it. Column ids are the MLflow UI's own.
+COLUMNS = ["metrics.`test_acc`", "params.`model`", "params.`optim.lr`", "params.`data.batch_size`",
+           "attributes.`Dataset`", "attributes.`Source`"]
+WIDTHS = {"attributes.`Run Name`": 230, "attributes.`Dataset`": 470, "attributes.`Source`": 230, "params.`optim.lr`": 90}
+WIDTH = 1720  # pixels: every column above, once MLflow's side panels are closed
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--hide-scrollbars", "--remote-debugging-port=0"]
+
+
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[str]:
+    """Headless Chromium with a fresh profile; yields its page's DevTools websocket URL."""
+    process = subprocess.Popen(["chromium", *BROWSER_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"  # Chromium writes the port it chose here
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30, "Chromium to start")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port_file.read_text().split()[0]}/json/list") as response:
+            yield next(t for t in json.load(response) if t["type"] == "page")["webSocketDebuggerUrl"]
+    finally:
+        stop(process)
+
+
+class Page:
+    """A browser page driven over the DevTools protocol: one JSON request, one answer."""
+
+    def __init__(self, socket) -> None:
+        self.socket, self.calls = socket, 0
+
+    def call(self, method: str, **params) -> dict:
+        self.calls += 1
+        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:  # events arrive in between: skip to this call's answer
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.calls:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:80]}: {result['exceptionDetails']['text']}")
+        return result["result"].get("value")
+
+    def size(self, width: int, height: int) -> None:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def open(self, url: str, ready: str, what: str) -> None:
+        """Go to ``url`` and wait until the JavaScript expression ``ready`` is true."""
+        self.call("Page.navigate", url=url)
+        self.wait(ready, what)
+
+    def wait(self, ready: str, what: str, seconds: float = 60) -> None:
+        try:
+            wait_for(lambda: self.js(f"Boolean({ready})"), seconds, what)
+        except TimeoutError:
+            seen = " ".join((self.js("document.body ? document.body.innerText : ''") or "").split())[:300]
+            raise TimeoutError(f"{what}: not shown after {seconds} s; the page says: {seen!r}") from None
+
+    def click(self, selector: str) -> None:
+        self.js(f"document.querySelector({json.dumps(selector)}).click()")
+
+    def screenshot(self, path: Path, colors: int = 96) -> None:
+        """The viewport as a palette PNG: a UI has few colours, and a README wants small files."""
+        png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        image.quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(f"waited {seconds} s for {what}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a process started in a session of its own, with everything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sweep(outputs: Path, trials: int, overrides: list[str]) -> dict:
+    """Run the sweep; return its parent run and trials, as the UI will list them."""
+    from mlflow import MlflowClient
+
+    cmd = [sys.executable, "-m", "mnist_sweep", "-m", f"paths.outputs={outputs}",
+           f"hydra.sweeper.n_trials={trials}", *overrides]
+    print(f"screenshots: sweeping {trials} trials into {outputs}", flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the sweep failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist_sweep").experiment_id
+    runs = client.search_runs([experiment])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return {"experiment": experiment, "parent": parent.info.run_id,
+            "trials": [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]}
+
+
+def view_state(parent: str) -> dict:
+    """The runs page's saved view: columns, the sweep expanded, and charts comparing the trials."""
+    section = "trials"
+    charts = [
+        {"type": "BAR", "metricKey": "test_acc", "runsCountToCompare": 20},
+        {"type": "SCATTER", "xaxis": {"key": "optim.lr", "type": "PARAM"}, "yaxis": {"key": "test_acc", "type": "METRIC"},
+         "runsCountToCompare": 100},
+        # numbers only: a parallel-coordinates axis cannot show the model's name
+        {"type": "PARALLEL", "selectedParams": ["optim.lr", "data.batch_size"], "selectedMetrics": ["test_acc"],
+         "showAllRuns": False},
+    ]
+    for n, chart in enumerate(charts):
+        chart.update(uuid=f"chart{n}", metricSectionId=section, deleted=False, isGenerated=False)
+    return {
+        "selectedColumns": COLUMNS,
+        "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *COLUMNS, "duration"],
+        "columnWidths": WIDTHS,
+        "runsExpanded": {parent: True},
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": "Trials", "display": True, "isReordered": False,
+                                "deleted": False, "isGenerated": False}],
+    }
+
+
+def shoot(link: str, experiment: str, parent: str, trials: list[str], out: Path, profile: Path) -> None:
+    with chromium(profile) as url, connect(url, max_size=None, proxy=None) as socket:
+        page = Page(socket)
+        page.size(WIDTH, 200 + 34 * (len(trials) + 1) + 160)  # the table's rows, and no more
+        page.open(link.split("/#/")[0], "document.body", "the MLflow UI")
+        key = f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment}"]-ReactComponentState'
+        page.js(f"localStorage.setItem({json.dumps(key)}, {json.dumps(json.dumps(view_state(parent)))})")
+        trials_shown = " && ".join(f"document.body.innerText.includes({json.dumps(name)})" for name in trials)
+        page.open(link, f"{trials_shown} && document.body.innerText.includes('mnist-train')",
+                  "the sweep's trials in the runs table")
+        close_panels(page)
+        # the grid renders only the columns in view: each must be there once the panels are closed
+        page.wait(" && ".join(f"document.querySelector('.ag-header-cell[col-id=\"{c}\"]')" for c in COLUMNS),
+                  "every chosen column")
+        page.screenshot(out / TABLE)
+
+        page.size(WIDTH, 700)
+        page.click('input[name="runs-view-mode"][value="CHART"]')
+        page.wait("document.querySelectorAll('.js-plotly-plot').length >= 2"  # the bar and scatter charts
+                  " && document.body.innerText.includes('Parallel Coordinates')", "the three trial charts")
+        time.sleep(2)  # plotly animates its first draw
+        page.screenshot(out / CHART)
+
+
+def close_panels(page: Page) -> None:
+    """Hide the side panels (MLflow's assistant, the navigation) that would squeeze the table."""
+    time.sleep(1)  # the assistant panel opens itself shortly after the first load
+    page.js("""document.querySelector('button[aria-label="Close"]')?.click();
+                  document.querySelector('button[aria-label="Toggle sidebar"]')?.click()""")
+    time.sleep(1)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the PNGs go (default: docs/)")
+    parser.add_argument("--trials", type=int, default=6, help="trials in the sweep (default: 6)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the sweep, e.g. data.root=DIR")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = Path(tmp) / "outputs"
+        store = sweep(outputs, args.trials, args.overrides)
+        port = free_port()
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # no phoning home from the UI either
+        ui = subprocess.Popen([sys.executable, "-m", "mnist_sweep.servers", "ui", f"paths.outputs={outputs}",
+                               f"port={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, start_new_session=True)
+        try:
+            first = ui.stdout.readline()  # make ui's own first line: the link to the runs table
+            link = first.rsplit(" ", 1)[-1].strip()
+            if f"/#/experiments/{store['experiment']}/runs?workflowType=machine_learning" not in link:
+                raise RuntimeError(f"make ui printed {first.strip()!r}, not the runs table's link")
+            wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 120, "the MLflow UI to answer")
+            args.out.mkdir(parents=True, exist_ok=True)
+            shoot(link, store["experiment"], store["parent"], store["trials"], args.out, Path(tmp) / "chromium")
+        finally:
+            stop(ui)
+    for name in (TABLE, CHART):
+        print(f"screenshots: {args.out / name} ({(args.out / name).stat().st_size // 1024} KB)")
+    return 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
