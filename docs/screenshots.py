@@ -36,7 +36,8 @@ TABLE, CHART = "runs-table.png", "trials-chart.png"
 # on and what started it. Column ids are the MLflow UI's own.
 COLUMNS = ["metrics.`test_acc`", "params.`model`", "params.`optim.lr`", "params.`data.batch_size`",
            "attributes.`Dataset`", "attributes.`Source`"]
-WIDTHS = {"attributes.`Run Name`": 230, "attributes.`Dataset`": 470, "attributes.`Source`": 230, "params.`optim.lr`": 90}
+WIDTHS = {"attributes.`Run Name`": 230, "attributes.`Dataset`": 470, "attributes.`Source`": 230,
+          "params.`optim.lr`": 90}
 WIDTH = 1720  # pixels: every column above, once MLflow's side panels are closed
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--hide-scrollbars", "--remote-debugging-port=0"]
@@ -153,8 +154,8 @@ def view_state(parent: str) -> dict:
     section = "trials"
     charts = [
         {"type": "BAR", "metricKey": "test_acc", "runsCountToCompare": 20},
-        {"type": "SCATTER", "xaxis": {"key": "optim.lr", "type": "PARAM"}, "yaxis": {"key": "test_acc", "type": "METRIC"},
-         "runsCountToCompare": 100},
+        {"type": "SCATTER", "xaxis": {"key": "optim.lr", "type": "PARAM"},
+         "yaxis": {"key": "test_acc", "type": "METRIC"}, "runsCountToCompare": 100},
         # numbers only: a parallel-coordinates axis cannot show the model's name
         {"type": "PARALLEL", "selectedParams": ["optim.lr", "data.batch_size"], "selectedMetrics": ["test_acc"],
          "showAllRuns": False},

@@ -96,7 +96,7 @@ def md5sum(path: Path) -> str:
 def from_local_files(raw: Path, names: list[str], log: Log) -> dict[str, str]:
     """Use raw files already in place; decompress any that are only present as ``.gz``.
 
-    Where they came from before is unknown: the raw directory itself is their origin.
+    Names no origin: a file keeps the one it was stamped with, else the directory itself is its origin.
     """
     for name in names:
         target, packed = raw / name, raw / f"{name}.gz"

@@ -71,8 +71,8 @@ def model(tracking_uri: str, uri: str, port: int) -> None:
     model_uri, run_id = tracking.resolve_model(uri, option="MODEL")
     print(f"serving {uri} ({model_uri}, logged by run {run_id}) on http://{HOST}:{port}/invocations")
     sys.stdout.flush()
-    bin_dir = str(Path(sys.executable).parent)  # mlflow starts uvicorn by name: the venv's bin goes on PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # mlflow starts uvicorn by name
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
     os.execve(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                                "--env-manager", "local", "--host", HOST, "--port", str(port)], env)
 
@@ -91,8 +91,10 @@ def main(argv: list[str]) -> int:
             dashboard(cfg.hydra.sweeper.storage, cfg.hydra.sweeper.study_name, port)
         else:
             if len(args["model_uri"]) != 1:
-                raise ConfigError("give one model_uri=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
+                raise ConfigError("give one MODEL=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
             model(cfg.mlflow.tracking_uri, args["model_uri"][0], port)
+    except KeyboardInterrupt:  # Ctrl-C is how the dashboard stops (the other two exec their server)
+        return 130
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 1

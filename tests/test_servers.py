@@ -35,8 +35,8 @@ def test_make_ui_prints_the_link_then_starts_the_ui_on_localhost(tmp_path, monke
         "MLflow UI on http://127.0.0.1:5000: no experiment mnist_sweep yet (make run creates it; then reload)\n")
     experiment_id = MlflowClient(tracking_uri).create_experiment("mnist_sweep")
     assert servers.main(["ui", f"paths.outputs={outputs}", "port=5005"]) == 0
-    assert capsys.readouterr().out == ("MLflow UI, the mnist_sweep runs: "
-                                       f"http://127.0.0.1:5005/#/experiments/{experiment_id}/runs?workflowType=machine_learning\n")
+    link = f"http://127.0.0.1:5005/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    assert capsys.readouterr().out == f"MLflow UI, the mnist_sweep runs: {link}\n"
     for argv in started:  # the UI is started both times, on this machine only
         assert argv[1:4] == ["-m", "mlflow", "ui"]
         assert argv[argv.index("--backend-store-uri") + 1] == tracking_uri
@@ -51,7 +51,11 @@ def test_make_dashboard_serves_the_sweeps_study_storage_on_localhost(tmp_path, m
     outputs.mkdir()
     storage = f"sqlite:///{outputs}/optuna.db?timeout=60"  # hydra.sweeper.storage, under paths.outputs
     served = []
-    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port: served.append((storage, host, port)))
+
+    def run_server(storage, host, port):
+        served.append((storage, host, port))
+
+    monkeypatch.setattr(optuna_dashboard, "run_server", run_server)
     assert servers.main(["dashboard", f"paths.outputs={outputs}"]) == 0
     assert "no study mnist_sweep yet" in capsys.readouterr().out
 
