@@ -152,9 +152,10 @@ def sweep(outputs: Path, trials: int, overrides: list[str]) -> dict:
 def view_state(parent: str) -> dict:
     """The runs page's saved view: columns, the sweep expanded, and charts comparing the trials."""
     section = "trials"
-    charts = [
-        {"type": "BAR", "metricKey": "test_acc", "runsCountToCompare": 20},
+    charts = [  # what each trial scored against its learning rate, and against what it cost
         {"type": "SCATTER", "xaxis": {"key": "optim.lr", "type": "PARAM"},
+         "yaxis": {"key": "test_acc", "type": "METRIC"}, "runsCountToCompare": 100},
+        {"type": "SCATTER", "xaxis": {"key": "epoch_seconds", "type": "METRIC"},
          "yaxis": {"key": "test_acc", "type": "METRIC"}, "runsCountToCompare": 100},
         # numbers only: a parallel-coordinates axis cannot show the model's name
         {"type": "PARALLEL", "selectedParams": ["optim.lr", "data.batch_size"], "selectedMetrics": ["test_acc"],
@@ -191,7 +192,8 @@ def shoot(link: str, experiment: str, parent: str, trials: list[str], out: Path,
 
         page.size(WIDTH, 700)
         page.click('input[name="runs-view-mode"][value="CHART"]')
-        page.wait("document.querySelectorAll('.js-plotly-plot').length >= 2"  # the bar and scatter charts
+        page.wait("document.querySelectorAll('.js-plotly-plot').length >= 2"  # the two scatter charts
+                  " && document.body.innerText.includes('epoch_seconds vs. test_acc')"
                   " && document.body.innerText.includes('Parallel Coordinates')", "the three trial charts")
         time.sleep(2)  # plotly animates its first draw
         page.screenshot(out / CHART)

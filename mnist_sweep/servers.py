@@ -14,7 +14,7 @@ from pathlib import Path
 from mnist_sweep.config import ConfigError, compose, split_args
 
 HOST = "127.0.0.1"  # this machine only: none of these servers has authentication
-PORTS = {"ui": 5000, "dashboard": 8080, "model": 5001}
+PORTS = {"ui": 5000, "dashboard": 8080, "model": 5001}  # the model server steps off MLflow's 5000, the UI's
 
 
 def runs_link(tracking_uri: str, experiment: str, port: int) -> str | None:
