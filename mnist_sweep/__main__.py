@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from hydra_plugins.mnist_sweep import StudySweeper
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_sweep import data, study, sweep, tensors, tracking, train
+from mnist_sweep import data, stores, study, sweep, tensors, tracking, train
 from mnist_sweep.config import PROJECT_ROOT, ConfigError, validate
 
 log = logging.getLogger("mnist_sweep")
@@ -37,8 +37,10 @@ def main(cfg: DictConfig) -> float:
         validate(cfg)
         device = train.pick_device(cfg.device)
         trial = join_trial(cfg, hydra_cfg)
+        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+        tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
         tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=log.info)
-    except (ConfigError, train.DeviceError, data.DataError, study.StudyError) as err:
+    except (ConfigError, train.DeviceError, data.DataError, study.StudyError, stores.StoreError) as err:
         raise SystemExit(f"error: {err}") from None  # one line: the message says what to change
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     torch.manual_seed(cfg.seed)
@@ -46,28 +48,33 @@ def main(cfg: DictConfig) -> float:
     model, optimizer, scheduler = build(cfg, device, steps=cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size))
     checks = cfg.pruning.checks_per_epoch if trial and trial.prunes else 0  # only a pruner reads them
 
-    tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
+    record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it
     with trial or contextlib.nullcontext():  # heartbeats; a crash fails the trial
         try:
             with tracking.run(**describe_run(cfg, hydra_cfg, threads, trial), pruned=(optuna.TrialPruned,)) as run:
                 if trial:
                     trial.attach(study.RUN_ID_ATTR, run.info.run_id)  # the study's way back to MLflow
-                tracking.log_datasets(data.datasets(Path(cfg.data.root), dict(cfg.data.md5)))
+                record(tracking.log_datasets, data.datasets(Path(cfg.data.root), dict(cfg.data.md5)))
                 metrics = train.fit(
                     model, optimizer, scheduler, train_set, test_set,
                     epochs=cfg.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                    seed=cfg.seed, on_epoch=on_epoch(trial, checks), checks_per_epoch=checks,
-                    check_set=first(test_set, cfg.pruning.check_images), on_check=on_check(trial),
+                    seed=cfg.seed, on_epoch=on_epoch(trial, checks, record), checks_per_epoch=checks,
+                    check_set=first(test_set, cfg.pruning.check_images), on_check=on_check(trial, record),
                 )
-                tracking.log_outputs(model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
-                                     test_set.images[:2], cfg.mlflow.model_format)
+                record(tracking.log_outputs, model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
+                       test_set.images[:2], cfg.mlflow.model_format)
         except train.Diverged as err:
             log.error("run diverged: %s (returning test_acc 0.0)", err)
             return trial.complete(0.0) if trial else 0.0  # a finite worst score: the sweeper crashes on NaN
         except optuna.TrialPruned as err:
             log.info("%s", err)
             return trial.prune()
-    return trial.complete(metrics["test_acc"]) if trial else metrics["test_acc"]
+    accuracy = trial.complete(metrics["test_acc"]) if trial else metrics["test_acc"]
+    if record.lost:  # the result is in the study; the run's record is not complete: say so, fail
+        raise SystemExit(f"error: MLflow stopped answering during the run ({record.lost}); it trained to test_acc "
+                         f"{accuracy:.4f}{f', which trial {trial.number} holds in the study' if trial else ''}, "
+                         "but its MLflow run is incomplete")
+    return accuracy
 
 
 def first(split: tensors.Split, n: int) -> tensors.Split:
@@ -84,18 +91,18 @@ def join_trial(cfg: DictConfig, hydra_cfg: DictConfig) -> study.JobTrial | None:
                       sweeper.get("heartbeat_interval"))
 
 
-def on_epoch(trial: study.JobTrial | None, checks: int) -> train.EpochCallback:
+def on_epoch(trial: study.JobTrial | None, checks: int, record: tracking.Recorder) -> train.EpochCallback:
     """Log the epoch's metrics, then report its test accuracy to the trial (which may stop it)."""
     def log_and_report(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_epoch(epoch, metrics)
+        record(tracking.log_epoch, epoch, metrics)
         if trial:
             trial.report(epoch * (checks + 1), metrics["test_acc"])
     return log_and_report
 
 
-def on_check(trial: study.JobTrial | None) -> train.CheckCallback:
+def on_check(trial: study.JobTrial | None, record: tracking.Recorder) -> train.CheckCallback:
     def log_and_report(step: int, accuracy: float) -> None:
-        tracking.log_check(step, accuracy)
+        record(tracking.log_check, step, accuracy)
         if trial:
             trial.report(step, accuracy)
     return log_and_report

@@ -18,12 +18,18 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
 2. Overhead per run: that process time minus the bare loop on the same config, run in this process
    (tensors.load, ConvNet, optimizer, scheduler built untimed, then ``train.fit`` timed: train + test).
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (model=shallow, 4 trials,
-   spawn to exit), first 1 worker x 2 threads, then joblib with 2 workers x 1 thread.
+   no pruner, spawn to exit), first 1 worker x 2 threads, then joblib with 2 workers x 1 thread.
 4. Pruning: the same seeded search (model=shallow, ``PRUNE_EPOCHS`` epochs a trial, the default
    learning-rate and batch-size space, ``PRUNE_TRIALS`` trials) once per pruner (none, median,
    hyperband), spawn to exit: wall time, best test accuracy, trials pruned. Target: a pruner saves
    >= 35% of the wall time for the same best accuracy (within 0.05 pt).
-5. With CUDA the bare loop runs on the GPU after one warm-up fit; its fit time is the GPU's time to
+5. Shared stores (``make services``' PostgreSQL and MLflow server, started on free loopback ports
+   under ``<out>/services``, stopped at the end): the sweep of 3. with ``stores=server``, first one
+   worker process, then 2 worker processes started together (threads=1 each) sharing the study;
+   and what tracking one trial costs, embedded sqlite against the server over HTTP: the records of
+   a run (params, datasets, an epoch's metrics and checks, config files, weights, the pt2 model)
+   without its training, in this process, median of ``TRACKING_REPEATS`` after a warm-up.
+6. With CUDA the bare loop runs on the GPU after one warm-up fit; its fit time is the GPU's time to
    99.0% after warm-up.
 
 Bench runs go to the experiment ``bench`` in a store of their own, ``<out>/mlflow.db``: a sweep
@@ -58,6 +64,7 @@ from torch import nn
 TARGET_ACC = 0.99
 CLASSIC_EPOCHS = 14  # the example's default --epochs: the cap when 99.0% is never reached
 SWEEP_TRIALS = 4     # per mode: two batches of the 2-worker sweep
+TRACKING_REPEATS = 3  # per store, after one warm-up (the first model export imports torch.export)
 PRUNERS = ("none", "median", "hyperband")
 PRUNE_TRIALS = 10    # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2     # a trial's length: pruning can save most of it
@@ -70,6 +77,10 @@ ROWS = (             # every table row, in order (the smoke test checks them)
     "framework overhead, per run",
     "sweep, 1 worker x 2 threads",
     "sweep, 2 workers x 1 thread",
+    "shared stores: sweep, 1 worker process",
+    "shared stores: sweep, 2 worker processes",
+    "tracking one trial: embedded sqlite",
+    "tracking one trial: MLflow server (HTTP)",
     *(f"search, pruner {name}" for name in PRUNERS),
     *(f"wall time saved by {name} pruning" for name in PRUNERS[1:]),
     "GPU: fit to 99.0% after warm-up",
@@ -217,13 +228,111 @@ def time_sweep(workers: int, n_trials: int, study: str, out: Path, overrides: li
     storage = f"sqlite:///{out / 'optuna.db'}"
     parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"] if workers == 2 else []
     cmd = ["-m", "mnist_sweep", "-m", "model=shallow", f"threads={2 // workers}", *parallel,
-           f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.study_name={study}",
+           "hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.study_name={study}",
            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={out / 'sweeps' / study}", *overrides]
     _, _, seconds = run_process(cmd, f"the {workers}-worker sweep")
     # a crashed trial is recorded and the sweep goes on: count only the trials that completed
     trials = optuna.load_study(study_name=study, storage=storage).get_trials(
         deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
     return {"seconds": seconds, "completed": len(trials), "asked": n_trials, "per_min": 60 * len(trials) / seconds}
+
+
+def time_shared_sweep(workers: int, n_trials: int, study: str, out: Path, overrides: list[str],
+                      env: dict[str, str]) -> dict:
+    """``n_trials`` of the sweep on the shared stores (``env``: where they are), split between
+    ``workers`` processes started together, as N machines would run them."""
+    import optuna
+
+    from mnist_sweep.config import PROJECT_ROOT
+
+    cmd = [sys.executable, "-m", "mnist_sweep", "-m", "stores=server", "model=shallow", f"threads={2 // workers}",
+           "hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={n_trials // workers}",
+           f"hydra.sweeper.study_name={study}", *overrides]
+    spawned = time.monotonic()
+    procs = [subprocess.Popen([*cmd, f"hydra.sweep.dir={out / 'sweeps' / study / str(i)}"], cwd=PROJECT_ROOT,
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(workers)]
+    outputs = [proc.communicate()[0] for proc in procs]
+    seconds = time.monotonic() - spawned
+    for proc, output in zip(procs, outputs):
+        if proc.returncode != 0:
+            sys.stderr.write(output[-4000:])
+            raise SystemExit(f"error: a worker of the shared-stores sweep exited with {proc.returncode}")
+    os.environ["PGPASSFILE"] = env["PGPASSFILE"]  # how libpq finds the password, here too
+    trials = optuna.load_study(study_name=study, storage=env["OPTUNA_STORAGE"]).get_trials(
+        deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+    return {"seconds": seconds, "completed": len(trials), "asked": n_trials, "per_min": 60 * len(trials) / seconds}
+
+
+def time_tracking(targets: dict[str, tuple[str, str | None]], cfg, repeats: int) -> dict[str, float]:
+    """Seconds to record one trial in each of ``targets`` (name: tracking URI, artifact root), as a run
+    records it but without training; the stores alternate, after one untimed warm-up."""
+    import tempfile
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mnist_sweep import data, tracking
+
+    model = instantiate(cfg.model)
+    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    datasets = data.datasets(Path(cfg.data.root), dict(cfg.data.md5))
+    example = torch.zeros(2, 1, 28, 28)
+    tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+    seconds: dict[str, list[float]] = {name: [] for name in targets}
+    with tempfile.TemporaryDirectory() as tmp:
+        hydra_dir = Path(tmp)  # the three config files a run logs
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (hydra_dir / name).write_text(OmegaConf.to_yaml(cfg))
+        for i in range(repeats + 1):
+            for name, (uri, artifact_root) in targets.items():
+                tracking.use_store(uri, "bench-tracking", artifact_root)
+                start = time.perf_counter()
+                with tracking.run("bench-tracking", params, tags={}):
+                    tracking.log_datasets(datasets)
+                    for step in range(1, 4):
+                        tracking.log_check(step, 0.9)
+                    tracking.log_epoch(4, {"train_loss": 0.1, "test_loss": 0.1, "test_acc": 0.99,
+                                           "epoch_seconds": 10.0, "images_per_second": 6000.0})
+                    tracking.log_outputs(model, hydra_dir, example, cfg.mlflow.model_format)
+                if i:  # the first round is the warm-up
+                    seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def time_shared_stores(out: Path, overrides: list[str], cfg, study: str, n_trials: int,
+                       repeats: int) -> tuple[dict, dict] | str:
+    """Section 5: the shared-stores sweeps and the tracking cost, on services of the bench's own
+    (stopped at the end); a one-line reason instead where PostgreSQL is not installed."""
+    import shutil
+    import socket
+    import tempfile
+
+    from mnist_sweep import services
+
+    try:
+        services.postgres_bindir()
+    except FileNotFoundError as err:
+        return str(err)
+    ports = []
+    for _ in range(2):  # free ports: a user's `make services` may hold the default ones
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    # Throwaway servers in a directory the user postgres can enter (as root, PostgreSQL runs as
+    # postgres, and `out` may sit under a private directory such as /tmp/pytest-of-root)
+    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-bench-services-"))
+    root.chmod(0o711)
+    try:
+        running = services.start(root, pg_port=ports[0], mlflow_port=ports[1])
+        sweeps = {workers: time_shared_sweep(workers, n_trials, f"{study}-{workers}w", out, overrides, running.env())
+                  for workers in (1, 2)}
+        costs = time_tracking({"embedded": (cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root),
+                               "server": (running.tracking_uri, None)}, cfg, repeats)
+    finally:
+        services.stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+    return sweeps, costs
 
 
 def time_search(pruner: str, n_trials: int, epochs: int, study: str, out: Path, overrides: list[str]) -> dict:
@@ -298,7 +407,23 @@ def target_text(target: str, value: float | None, limit: float) -> str:
     return f"{target}: {'met' if value <= limit else 'not met'}"
 
 
-def report(machine: dict, command: str, classic: list, ours: list, bare: list, sweeps: dict, searches: dict) -> str:
+def shared_rows(shared: tuple[dict, dict] | str, embedded: dict) -> list[tuple[str, str, str]]:
+    if isinstance(shared, str):
+        return [("n/a", "", shared)] * 4
+    sweeps, costs = shared
+    return [
+        *[(f"{s['per_min']:.1f} trials/min", "",
+           f"{s['completed']} of {s['asked']} trials completed in {s['seconds']:.1f} s (embedded stores, "
+           f"1 worker: {embedded['per_min']:.1f} trials/min)") for s in sweeps.values()],
+        (f"{costs['embedded']:.2f} s", "", "a run's records without its training: params, datasets, metrics, "
+                                           "config files, weights, pt2 model"),
+        (f"{costs['server']:.2f} s", "", f"{costs['server'] - costs['embedded']:+.2f} s against embedded; "
+                                         "PostgreSQL behind it, on this machine"),
+    ]
+
+
+def report(machine: dict, command: str, classic: list, ours: list, bare: list, sweeps: dict, searches: dict,
+           shared: tuple[dict, dict] | str) -> str:
     classic_t = [r["to_target_s"] for r in classic]
     ours_t = [r["to_target_s"] for r in ours]
     ratio = None
@@ -322,6 +447,7 @@ def report(machine: dict, command: str, classic: list, ours: list, bare: list, s
         (f"{overhead:.1f} s", target_text("<= 3 s", overhead, 3.0), "process - bare fit (medians)"),
         *[(f"{s['per_min']:.1f} trials/min", "",
            f"{s['completed']} of {s['asked']} trials completed in {s['seconds']:.1f} s") for s in sweeps.values()],
+        *shared_rows(shared, sweeps[1]),
         *(search_text(searches[name]) for name in PRUNERS),
         *(saving_text(searches["none"], searches[name]) for name in PRUNERS[1:]),
         (seconds_text(gpu) if gpu else "no GPU", target_text("<= 1 s", gpu_s, 1.0) if gpu else "<= 1 s",
@@ -393,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         sweeps[workers] = time_sweep(workers, 2 if args.quick else SWEEP_TRIALS, f"bench-{stamp}-{workers}w",
                                      out, overrides)
 
+    print("bench: shared stores (PostgreSQL, MLflow server)", file=sys.stderr, flush=True)
+    shared = time_shared_stores(out, ["mlflow.experiment=bench", *args.overrides], cfg, f"bench-{stamp}-shared",
+                                2 if args.quick else SWEEP_TRIALS, repeats)
+
     searches = {}
     for pruner in PRUNERS:
         print(f"bench: search with pruner {pruner}", file=sys.stderr, flush=True)
@@ -400,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"bench-{stamp}-{pruner}", out, overrides)
 
     command = " ".join(["python -m mnist_sweep.bench", *(sys.argv[1:] if argv is None else argv)])
-    table = report(machine, command, classic, ours, bare, sweeps, searches)
+    table = report(machine, command, classic, ours, bare, sweeps, searches, shared)
     if args.quick:
         table += "\nQuick run: a smoke test of the benchmark, not a measurement.\n"
     print(table)

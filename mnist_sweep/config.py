@@ -34,9 +34,11 @@ class DataConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = MISSING
+    tracking_uri: Optional[str] = MISSING  # null: stores=server without $MLFLOW_TRACKING_URI
     experiment: str = MISSING
-    artifact_root: str = MISSING
+    artifact_root: Optional[str] = MISSING  # null: the tracking server's
+    http_retries: int = MISSING
+    http_timeout: int = MISSING
     model_format: Optional[str] = "pt2"
 
 
@@ -44,6 +46,7 @@ class MlflowConfig:
 class OptunaTrialConfig:
     study: Optional[str] = None  # set by the study sweeper for each job: its study...
     trial: Optional[int] = None  # ...and its trial number there
+    storage: Optional[str] = MISSING  # the study's database (the stores group sets it)
 
 
 @dataclass
@@ -132,6 +135,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("pruning.checks_per_epoch", lambda v: v >= 0, ">= 0"),
     ("pruning.check_images", lambda v: v >= 1, ">= 1"),
     ("device", lambda v: v.split(":")[0] in DEVICES, f"one of {', '.join(DEVICES)} (or cuda:N)"),
+    ("mlflow.tracking_uri", lambda v: v is not None, "set (stores=server reads it from $MLFLOW_TRACKING_URI)"),
+    ("mlflow.http_retries", lambda v: v >= 0, ">= 0"),
+    ("mlflow.http_timeout", lambda v: v > 0, "> 0"),
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
 ]
 _ABSENT = object()

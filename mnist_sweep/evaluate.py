@@ -17,7 +17,7 @@ import mlflow
 import torch
 from torch import nn
 
-from mnist_sweep import data, tensors, tracking
+from mnist_sweep import data, stores, tensors, tracking
 from mnist_sweep.config import ConfigError, compose, split_args
 
 SOURCE_RUN_TAG = "source_run_id"  # not mlflow.parentRunId: an evaluation is no part of training
@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError("give one model_uri=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
         requested = args["model_uri"][0]
         cfg = compose(overrides)
+        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # registry URIs resolve in this store
         model_uri, source_run_id = tracking.resolve_model(requested)
         model = tracking.load_model(model_uri)
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
                                    log=lambda line: print(line, file=sys.stderr))
         _, test_set = tensors.load(tensor_file, torch.device("cpu"))
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print("error: " + stores.one_line(err), file=sys.stderr)
         return 1
 
     counts = confusion_matrix(model, test_set, cfg.data.eval_batch_size)

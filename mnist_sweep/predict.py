@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from mnist_sweep import tracking
+from mnist_sweep import stores, tracking
 from mnist_sweep.config import ConfigError, compose, split_args
 
 SIDE = 28  # MNIST's image side
@@ -118,10 +118,11 @@ def main(argv: list[str]) -> int:
         if not args["images"]:
             raise ConfigError("give images=PATH: an image, a directory of images or a list [a.png,b.png]")
         cfg = compose(overrides)
+        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # registry URIs resolve in this store
         model = tracking.load_model(tracking.resolve_model(args["model_uri"][0])[0])
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print("error: " + stores.one_line(err), file=sys.stderr)
         return 1
 
     paths, errors = image_paths(args["images"])

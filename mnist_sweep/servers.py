@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from mnist_sweep import stores
 from mnist_sweep.config import ConfigError, compose, split_args
 
 HOST = "127.0.0.1"  # this machine only: none of these servers has authentication
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:  # Ctrl-C is how the dashboard stops (the other two exec their server)
         return 130
     except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print("error: " + stores.one_line(err), file=sys.stderr)
         return 1
     return 0
 

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import optuna
+import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
@@ -53,14 +54,19 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     ``grace_period`` seconds is failed by the next worker, and re-queued up to ``max_retry`` times."""
     with stores.lock(url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since 2.9
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=(
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry) if max_retry else None
-            ),
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=stores.engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=(
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry) if max_retry else None
+                ),
+            )
+        except sqlalchemy.exc.OperationalError as err:
+            raise stores.StoreError(f"cannot reach the study's database {stores.redact(url)}: "
+                                    f"{stores.one_line(err.orig)}") from None
 
 
 def trial_id(trial: optuna.trial.BaseTrial) -> int:
@@ -163,6 +169,8 @@ class Tracker(Protocol):
 
     def open(self, study: optuna.Study, created: bool) -> None: ...
 
+    def check(self, study: optuna.Study) -> None: ...  # before each batch: raise to stop the sweep
+
     def close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None: ...
 
 
@@ -179,9 +187,15 @@ class StudySweeperImpl(OptunaSweeperImpl):
         self.seeded = False  # the sampler is rebuilt with this worker's seed at its first trial
 
     def sweep(self, arguments: list[str]) -> None:
+        try:
+            self._sweep(arguments)
+        except (StudyError, stores.StoreError) as err:
+            raise SystemExit(f"error: {err}") from None  # one line, as for a single run's errors
+
+    def _sweep(self, arguments: list[str]) -> None:
         if not self.storage or not self.study_name:
-            raise StudyError("a sweep needs hydra.sweeper.storage and hydra.sweeper.study_name: "
-                             "its jobs, and other workers, reach the study through them")
+            raise StudyError("a sweep needs hydra.sweeper.storage and hydra.sweeper.study_name: its jobs, and "
+                             "other workers, reach the study through them (stores=server reads $OPTUNA_STORAGE)")
         space, fixed = self._search_space(arguments)
         storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry)
         study, created = self._open_study(storage)
@@ -200,8 +214,8 @@ class StudySweeperImpl(OptunaSweeperImpl):
     def _close_quietly(self, study: optuna.Study, results: str) -> None:
         try:
             self.tracker.close(study, results, interrupted=True)
-        except Exception:  # the error that stopped the sweep is the one to report
-            log.exception("could not close the sweep's tracking after the sweep stopped")
+        except Exception as err:  # the error that stopped the sweep is the one to report
+            log.error("could not close the sweep's tracking after the sweep stopped: %s", stores.one_line(err))
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, dict]:
         """The distributions to search and the fixed overrides, as the plugin parses them."""
@@ -225,6 +239,7 @@ class StudySweeperImpl(OptunaSweeperImpl):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.9
                 optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (and re-queued)
+            self.tracker.check(study)
             size = min(todo, self.n_jobs, self._room(study))
             if size <= 0:
                 log.info("the study holds hydra.sweeper.max_trials=%d trials: no more to start", self.max_trials)

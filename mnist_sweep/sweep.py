@@ -42,23 +42,42 @@ PARENT_WAIT_S = 60  # how long a worker waits for the worker that created the st
 class MlflowStudy:
     """The MLflow side of a study, driven by the study sweeper (``hydra.sweeper.tracker``)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None, http_retries: int,
+                 http_timeout: int, study_storage: str) -> None:
         self.tracking_uri, self.experiment, self.artifact_root = tracking_uri, experiment, artifact_root
+        self.http_retries, self.http_timeout = http_retries, http_timeout
+        self.study_storage = study_storage
         self.parent_id: str | None = None
 
     def open(self, study: optuna.Study, created: bool) -> None:
         """Find or make the study's parent run and mark it RUNNING: this worker is alive."""
+        tracking.bound_http(self.http_retries, self.http_timeout)
         experiment_id = tracking.use_store(self.tracking_uri, self.experiment, self.artifact_root)
         client = MlflowClient()
         self.parent_id = study_parent(client, experiment_id, study, created)
         client.update_run(self.parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
         log.info("MLflow parent run %s (%s)", study.study_name, self.parent_id)
 
+    def check(self, study: optuna.Study) -> None:
+        """Before each batch: stop the sweep if MLflow stopped answering. A trial started now would
+        train without a record or a model to register; the study keeps every finished trial, so a
+        rerun of the same command goes on where this one stopped."""
+        try:
+            MlflowClient().get_run(self.parent_id)
+        except tracking.LOST as err:
+            finished = len(study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]))
+            raise stores.StoreError(
+                f"the MLflow store {stores.redact(self.tracking_uri)} stopped answering ({stores.one_line(err)}): "
+                f"the sweep stops; the study keeps its {finished} finished trials, and the same command "
+                "goes on from there once the store is back") from None
+
     def close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None:
         """Refresh the parent's summary and the champion; end the parent unless other workers still
         run trials (the last worker to end ends it)."""
         client = MlflowClient()
-        with stores.lock(self.tracking_uri):  # two workers ending together: one champion, one version
+        # two workers ending together: one champion, one version (the study's database locks
+        # across machines; an embedded MLflow store also locks its own file)
+        with stores.lock(self.study_storage), stores.lock(self.tracking_uri):
             end_orphaned_runs(client, study)
             best = best_run(client, study)
             summarize(client, self.parent_id, study, best, results_file)

@@ -10,16 +10,22 @@ import re
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import requests
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from torch import nn
 
@@ -31,23 +37,48 @@ log = logging.getLogger(__name__)
 MODEL_URI_TAG = "model_uri"
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
 ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+# What MLflow raises when its store does not answer: its own error, or the HTTP client's
+LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
 
 
-def use_store(tracking_uri: str, experiment: str, artifact_root: str) -> str:
-    """Point MLflow at the store and experiment; returns the experiment id.
+def bound_http(retries: int, timeout: int) -> None:
+    """Bound MLflow's HTTP retries for this process: by default a tracking server that is down
+    costs 7 retries with exponential backoff (~4 min) before the first error."""
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(retries)
+    os.environ[MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name] = "1"  # 1 s, 2 s, 4 s… between retries
+    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(timeout)
 
-    A new experiment keeps its artifacts under ``artifact_root``: without it MLflow would write
-    them to ``./mlruns`` in whatever directory the run started.
+
+def use_store(tracking_uri: str, experiment: str, artifact_root: str | None) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id. A store that cannot
+    be reached is a :class:`stores.StoreError`, before any run starts.
+
+    A new experiment in an embedded store keeps its artifacts under ``artifact_root``: without it
+    MLflow would write them to ``./mlruns`` in whatever directory the run started. With a tracking
+    server (``artifact_root`` null) the server chooses: its ``mlflow-artifacts:`` root, served to
+    every machine.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    with stores.lock(tracking_uri):  # a new sqlite store's schema migration must not run twice at once
-        found = mlflow.get_experiment_by_name(experiment)
-        if found is None:
-            Path(artifact_root).mkdir(parents=True, exist_ok=True)
-            mlflow.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
-            found = mlflow.get_experiment_by_name(experiment)
+    try:
+        with stores.lock(tracking_uri):  # a new sqlite store's schema migration must not run twice at once
+            found = mlflow.get_experiment_by_name(experiment) or _create_experiment(experiment, artifact_root)
+    except (mlflow.exceptions.MlflowException, requests.RequestException) as err:
+        raise stores.StoreError(f"cannot use the MLflow store {stores.redact(tracking_uri)}: {stores.one_line(err)}") from None
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
+
+
+def _create_experiment(name: str, artifact_root: str | None) -> mlflow.entities.Experiment:
+    location = None
+    if artifact_root is not None:
+        Path(artifact_root).mkdir(parents=True, exist_ok=True)
+        location = Path(artifact_root).resolve().as_uri()
+    try:
+        mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker created it first: use theirs
+            raise
+    return mlflow.get_experiment_by_name(name)
 
 
 @contextlib.contextmanager
@@ -55,10 +86,12 @@ def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_ru
         pruned: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C, and
     KILLED with a ``pruned`` tag (the reason) on one of the ``pruned`` exceptions."""
-    active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=dict(tags))
+    # a password typed into a store URI would otherwise land in a param or the overrides tag
+    tags = {key: stores.redact(value) for key, value in tags.items()}
+    active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags)
     status = RunStatus.FAILED
     try:
-        mlflow.log_params(dict(params))
+        mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v for key, v in params.items()})
         yield active
         status = RunStatus.FINISHED
     except pruned as stop:
@@ -69,9 +102,32 @@ def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_ru
         status = RunStatus.KILLED
         raise
     finally:
-        mlflow.end_run(RunStatus.to_string(status))
-        log.info("MLflow run %s (%s) %s in %s", name, active.info.run_id, RunStatus.to_string(status),
-                 mlflow.get_tracking_uri())
+        try:
+            mlflow.end_run(RunStatus.to_string(status))
+        except LOST as err:  # the store went away: the exception on its way out is the one to see
+            log.error("MLflow run %s could not be ended %s: %s", active.info.run_id, RunStatus.to_string(status),
+                      stores.one_line(err))
+        else:
+            log.info("MLflow run %s (%s) %s in %s", name, active.info.run_id, RunStatus.to_string(status),
+                     stores.redact(mlflow.get_tracking_uri()))
+
+
+class Recorder:
+    """Logs to the active run until the tracking store stops answering, then drops the rest of
+    the run's records (each call would wait out its retries) so that training goes on and the
+    trial's result still reaches the study. ``lost`` says what failed first (None: nothing)."""
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
+
+    def __call__(self, record: Callable[..., None], *args: Any) -> None:
+        if self.lost is not None:
+            return
+        try:
+            record(*args)
+        except LOST as err:
+            self.lost = f"{record.__name__}: {stores.one_line(err)}"
+            log.error("MLflow stopped answering (%s): this run records nothing more; training goes on", self.lost)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,15 +185,25 @@ def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor,
 
     ``example``: a few raw test images (N > 1, so the exported batch dimension stays dynamic).
     """
-    if hydra_dir is not None and hydra_dir.is_dir():
-        mlflow.log_artifacts(str(hydra_dir), "hydra")
     model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     with tempfile.TemporaryDirectory() as tmp:
+        if hydra_dir is not None and hydra_dir.is_dir():
+            mlflow.log_artifacts(str(redacted_copy(hydra_dir, Path(tmp) / "hydra")), "hydra")
         weights = Path(tmp) / "state_dict.pt"
         torch.save(model.state_dict(), weights)
         mlflow.log_artifact(str(weights), "weights")
     if model_format:
         log_pytorch_model(model, example.cpu().numpy().astype(np.float32), model_format)
+
+
+def redacted_copy(source: Path, target: Path) -> Path:
+    """The config files in ``source``, copied to ``target`` with any password in a URI redacted
+    (a store URI can carry one, and the overrides repeat whatever was typed)."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file():
+            (target / path.name).write_text(stores.redact(path.read_text()))
+    return target
 
 
 def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) -> None:
