@@ -42,7 +42,13 @@ dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1:8080: the sweep's study, l
 serve: $(STAMP)  ## serve a model on 127.0.0.1:5001, if it exists (MODEL=runs:/<run id>/model PORT=5002)
 	$(PY) -m mnist_sweep.servers model model_uri=$(MODEL) port=$(PORT) $(ARGS)
 
+services: $(STAMP)  ## start PostgreSQL and an MLflow tracking server on 127.0.0.1 (data in outputs/services); prints the exports
+	$(PY) -m mnist_sweep.services start $(ARGS)
+
+services-stop: $(STAMP)  ## stop what make services started
+	$(PY) -m mnist_sweep.services stop $(ARGS)
+
 screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
 	$(PY) docs/screenshots.py $(ARGS)
 
-.PHONY: help install data run sweep test bench ui dashboard serve screenshots
+.PHONY: help install data run sweep test bench ui dashboard serve services services-stop screenshots

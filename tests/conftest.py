@@ -3,8 +3,13 @@ run's state (MLflow store, Optuna study, Hydra dirs) inside the test's temporary
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+import mnist_sweep.services
 from mnist_sweep import data, sweep, tensors, tracking, train
 from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.model import ConvNet
@@ -108,3 +114,28 @@ def store_without_champion(tmp_path_factory) -> SimpleNamespace:
         with tracking.run(name, {}, {}) as active:
             tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")  # pickle: the fast one
     return SimpleNamespace(tracking_uri=tracking_uri, latest_run_id=active.info.run_id)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[mnist_sweep.services.Services]:
+    """A real PostgreSQL and ``mlflow server`` on free loopback ports, their data in a temporary
+    root, stopped at the end. Without PostgreSQL's programs: skipped, but failed under CI=true."""
+    try:
+        mnist_sweep.services.postgres_bindir()
+    except FileNotFoundError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{err} (CI runs the tests against real servers)")
+        pytest.skip(str(err))
+    # Not under pytest's tmp_path: as root, PostgreSQL runs as the user postgres, who cannot enter
+    # /tmp/pytest-of-root (mode 700). 711: others may pass through to the data, not list or read.
+    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-services-"))
+    root.chmod(0o711)
+    with socket.socket() as pg_socket, socket.socket() as mlflow_socket:
+        pg_socket.bind(("127.0.0.1", 0))
+        mlflow_socket.bind(("127.0.0.1", 0))
+        pg_port, mlflow_port = pg_socket.getsockname()[1], mlflow_socket.getsockname()[1]
+    try:
+        yield mnist_sweep.services.start(root, pg_port=pg_port, mlflow_port=mlflow_port)
+    finally:
+        mnist_sweep.services.stop(root)
+        shutil.rmtree(root)

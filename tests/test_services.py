@@ -1,0 +1,104 @@
+"""make services: a real PostgreSQL and a real ``mlflow server`` (the ``services`` fixture), used
+as a worker uses them, from another directory, with the password only in the pgpass file."""
+
+import socket
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import psycopg
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_cli
+from mnist_sweep.services import ROLE, start, stop
+
+pytestmark = pytest.mark.slow  # starts real servers (~10 s), and again after a stop
+
+
+def objective(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", 0.0, 1.0)
+
+
+def test_postgres_admits_the_role_through_pgpass_only(services, monkeypatch, tmp_path):
+    assert services.pgpass.stat().st_mode & 0o777 == 0o600  # libpq ignores a file others can read
+    assert all(services.password not in uri for uri in services.env().values())
+    monkeypatch.setenv("PGPASSFILE", str(services.pgpass))
+    name = f"services-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(storage=services.optuna_storage, study_name=name).optimize(objective, n_trials=2)
+    assert len(optuna.load_study(study_name=name, storage=services.optuna_storage).trials) == 2
+
+    server = {"host": services.host, "port": services.pg_port, "user": ROLE, "dbname": "optuna"}
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(**server, password="not-" + services.password)
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        psycopg.connect(**server, passfile=str(tmp_path / "no-such-pgpass"))
+
+
+def test_the_tracking_server_keeps_runs_in_postgres_and_serves_their_artifacts(services, monkeypatch, tmp_path):
+    worker, reader = tmp_path / "worker", tmp_path / "reader"
+    worker.mkdir()
+    reader.mkdir()
+    monkeypatch.chdir(worker)  # a local artifact store would land here
+    client = MlflowClient(services.tracking_uri)
+    name = f"services-{uuid.uuid4().hex[:8]}"
+    experiment = client.get_experiment(client.create_experiment(name))
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    run = client.create_run(experiment.experiment_id)
+    client.log_text(run.info.run_id, "seven", "notes/digit.txt")
+    client.set_terminated(run.info.run_id)
+    assert list(worker.iterdir()) == []
+
+    stored = list((services.root / "mlartifacts").rglob("digit.txt"))
+    assert [path.read_text() for path in stored] == ["seven"]  # in the server's artifact root
+    with psycopg.connect(host=services.host, port=services.pg_port, user=ROLE, dbname="mlflow",
+                         passfile=str(services.pgpass)) as conn:
+        assert conn.execute("SELECT artifact_location FROM experiments WHERE name = %s",
+                            (name,)).fetchone() == (experiment.artifact_location,)
+
+    monkeypatch.chdir(reader)  # another machine's worker, as far as paths go
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="notes/digit.txt",
+                                                dst_path=str(reader), tracking_uri=services.tracking_uri)
+    assert Path(local).read_text() == "seven"
+
+
+def test_a_second_start_returns_the_running_services(services):
+    pid = (services.root / "mlflow.pid").read_text()
+    assert start(services.root, pg_port=1, mlflow_port=2) == services  # the ports they run on, not these
+    assert (services.root / "mlflow.pid").read_text() == pid
+
+    done = run_cli("mnist_sweep.services", "start", f"root={services.root}", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"OPTUNA_STORAGE={services.optuna_storage}" in done.stdout
+    assert f"MLFLOW_TRACKING_URI={services.tracking_uri}" in done.stdout
+    assert services.password not in done.stdout + done.stderr
+
+
+def test_a_bad_argument_is_one_line():
+    done = run_cli("mnist_sweep.services", "start", "pg_port=abc", timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == "error: pg_port must be a port number, 1 to 65535 (got 'abc')\n"
+
+
+def refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_stop_stops_both_and_start_resumes_their_data(services, monkeypatch):
+    """Last: it stops the session's servers, then starts them again on the same ports."""
+    monkeypatch.setenv("PGPASSFILE", str(services.pgpass))
+    name = f"services-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(storage=services.optuna_storage, study_name=name).optimize(objective, n_trials=1)
+
+    stop(services.root)
+    assert refused(services.host, services.pg_port)
+    assert refused(services.host, services.mlflow_port)
+    stop(services.root)  # nothing runs: nothing to do
+
+    assert start(services.root, pg_port=services.pg_port, mlflow_port=services.mlflow_port) == services
+    assert len(optuna.load_study(study_name=name, storage=services.optuna_storage).trials) == 1
