@@ -25,6 +25,7 @@ from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
 )
 from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from torch import nn
@@ -59,6 +60,8 @@ def use_store(tracking_uri: str, experiment: str, artifact_root: str | None) -> 
     every machine.
     """
     mlflow.set_tracking_uri(tracking_uri)
+    if stores.redact(tracking_uri) != tracking_uri:  # MLflow prints each run's link, password and all
+        os.environ[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
     try:
         with stores.lock(tracking_uri):  # a new sqlite store's schema migration must not run twice at once
             found = mlflow.get_experiment_by_name(experiment) or _create_experiment(experiment, artifact_root)

@@ -68,10 +68,11 @@ def with_password(uri: str, user: str, password: str) -> str:
 def test_two_workers_on_postgres_and_a_tracking_server(services, overrides, name, tmp_path):
     # The password in both URIs, as a careless user would put it: it must not leak into MLflow.
     # (This loopback MLflow server has no auth: it ignores the basic-auth credentials.)
-    env = {**services.env(),
-           "OPTUNA_STORAGE": with_password(services.optuna_storage, "mnist_sweep", services.password),
-           "MLFLOW_TRACKING_URI": with_password(services.tracking_uri, "alice", services.password)}
-    workers = [start(["-m", *server_args(overrides, name), "hydra.sweeper.n_trials=3",
+    # The study's URI comes from the environment; the tracking URI is typed on the command line, so
+    # it is in every job's overrides, config files and flattened params.
+    env = {**services.env(), "OPTUNA_STORAGE": with_password(services.optuna_storage, "mnist_sweep", services.password)}
+    typed = f"mlflow.tracking_uri={with_password(services.tracking_uri, 'alice', services.password)}"
+    workers = [start(["-m", *server_args(overrides, name), typed, "hydra.sweeper.n_trials=3",
                       f"hydra.sweep.dir={tmp_path / f'w{i}'}"], env) for i in range(2)]
     outputs = [finish(proc) for proc in workers]
     assert all(services.password not in output for output in outputs)  # log lines are redacted
@@ -109,14 +110,20 @@ def test_two_workers_on_postgres_and_a_tracking_server(services, overrides, name
     assert loaded.returncode == 0, loaded.stderr[-2000:]
 
     # The password appears nowhere in the tracking server: params, tags, artifacts
+    mlflow.set_tracking_uri(services.tracking_uri)
+    files = []
     for run in [parent, *kids]:
         assert all(services.password not in str(v) for v in (*run.data.params.values(), *run.data.tags.values()))
-        root = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
-                                                        tracking_uri=services.tracking_uri))
-        texts = [p.read_bytes() for p in root.rglob("*") if p.is_file()]
-        assert texts and all(services.password.encode() not in t for t in texts)
-    config_files = {p.name for p in (tmp_path / kids[0].info.run_id / "hydra").iterdir()}
-    assert config_files == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        # a run's own artifacts (a pruned run has none), and its logged model's (MLflow 3 keeps them apart)
+        where = [dict(run_id=run.info.run_id)]
+        if tracking.MODEL_URI_TAG in run.data.tags:
+            where.append(dict(artifact_uri=run.data.tags[tracking.MODEL_URI_TAG]))
+        for i, source in enumerate(where):
+            root = Path(mlflow.artifacts.download_artifacts(**source, dst_path=str(tmp_path / run.info.run_id / str(i))))
+            files += [p for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.yaml", "hydra.yaml", "overrides.yaml", "state_dict.pt", "MLmodel", "optimization_results.yaml"} <= names
+    assert not [p for p in files if services.password.encode() in p.read_bytes()]
 
 
 def test_a_killed_worker_is_recovered_by_another(services, overrides, name):
