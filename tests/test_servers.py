@@ -109,4 +109,4 @@ def test_make_serve_with_no_champion_is_one_line_not_a_traceback(store_without_c
     first, *rest = done.stderr.splitlines()
     assert first.startswith("error: MODEL=models:/mnist-cnn@champion: ") and "Traceback" not in done.stderr
     assert f"MODEL=runs:/{store_without_champion.latest_run_id}/model" in first
-    assert all(line.startswith("make: ***") for line in rest)
+    assert all(line.startswith("make: ***") for line in rest), done.stderr
