@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -170,6 +171,14 @@ def test_a_submitit_local_sweep_keeps_the_trial_handover_and_pruning(services, o
     assert len(logs) == 2  # each trial was its own submitit job
 
 
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:  # refused, or not up yet (URLError is an OSError)
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,7 +195,7 @@ def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_th
     try:
         env = {**services.env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
         deadline = time.monotonic() + 120
-        while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/health"], capture_output=True).returncode:
+        while not answers(f"http://127.0.0.1:{port}/health"):
             assert time.monotonic() < deadline, "the test's tracking server did not start"
             time.sleep(0.5)
         proc = start(["-m", *server_args(overrides, name), "hydra.sweeper.n_trials=3", "epochs=4",
@@ -203,7 +212,8 @@ def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_th
         os.killpg(server.pid, signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
     finally:
-        os.killpg(server.pid, signal.SIGKILL) if server.poll() is None else None
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
     trials = load_study(services, name).get_trials()
     assert trials[0].state == optuna.trial.TrialState.COMPLETE  # trained to the end: the study has its result
     assert len(trials) == 1  # no trial started without a place to record it
