@@ -40,6 +40,7 @@ class MlflowConfig:
     http_retries: int = MISSING
     http_timeout: int = MISSING
     model_format: Optional[str] = "pt2"
+    log_models: str = "best"
 
 
 @dataclass
@@ -139,6 +140,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("mlflow.http_retries", lambda v: v >= 0, ">= 0"),
     ("mlflow.http_timeout", lambda v: v > 0, "> 0"),
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
+    ("mlflow.log_models", lambda v: v in ("best", "all"), "best or all"),
 ]
 _ABSENT = object()
 

@@ -140,6 +140,15 @@ class JobTrial:
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"trial {self.number} pruned at step {step} ({value:.4f})")
 
+    def leads(self, value: float) -> bool:
+        """Whether ``value`` is at least as good as every completed trial's (true before any): such a
+        trial may end as the study's best, so it needs a model the registry can serve."""
+        try:
+            best = self.study.best_value
+        except ValueError:  # no trial has completed yet
+            return True
+        return value >= best if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
+
     def complete(self, value: float) -> float:
         self.study.tell(self.number, value, skip_if_finished=True)
         return value

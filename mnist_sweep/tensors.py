@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,18 @@ class Split:
 
 
 def load(tensor_file: Path, device: torch.device) -> tuple[Split, Split]:
-    """Train and test, each as one float tensor of raw pixels plus labels, on ``device``."""
+    """Train and test, each as one float tensor of raw pixels plus labels, on ``device``.
+
+    The trials of a one-process sweep share one copy (~80 ms a trial on 2 cores otherwise): training
+    only reads these tensors, and a rewritten file (another inode, size or modification time) loads afresh.
+    """
+    stat = Path(tensor_file).stat()
+    return _load(Path(tensor_file), device, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1)
+def _load(tensor_file: Path, device: torch.device, version: tuple[int, int, int]) -> tuple[Split, Split]:
+    # version: the file's inode, size and modification time, there only as part of the cache's key
     t = torch.load(tensor_file, weights_only=True)  # plain tensors only: no pickled code runs
 
     def split(name: str) -> Split:

@@ -244,23 +244,49 @@ def resolve_model(uri: str, option: str = "model_uri") -> tuple[str, str]:
     ``option`` is how the user passed the URI (``model_uri``, or ``MODEL`` for ``make serve``): errors
     quote it, and a registry name or alias that does not exist yet says what to pass instead.
     """
+    run_id = None
     if re.fullmatch(r"[0-9a-f]{32}", uri):
         try:
             tags = mlflow.get_run(uri).data.tags
         except mlflow.exceptions.MlflowException as err:
             raise ModelNotFound(f"{option}={uri}: {err.message}") from None
-        uri = tags.get(MODEL_URI_TAG, f"runs:/{uri}/model")
+        run_id, uri = uri, tags.get(MODEL_URI_TAG, f"runs:/{uri}/model")
     elif not uri.startswith(("runs:/", "models:/")):  # anything else MLflow would read as a local path
         raise ModelNotFound(
             f"{option}={uri} is not runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version> "
             "or a 32-character run id"
         )
+    elif found := re.match(r"runs:/([0-9a-f]{32})/model$", uri):
+        run_id = found.group(1)
+    if run_id and (weights_only := _weights_only(run_id)):  # before MLflow tries to download what is not there
+        raise ModelNotFound(f"{option}={uri}: {weights_only}")
     try:
         info = mlflow.models.get_model_info(uri)
     except mlflow.exceptions.MlflowException as err:
         registry = uri.startswith("models:/") and not uri.startswith("models:/m-")
         raise ModelNotFound(f"{option}={uri}: {err.message}" + (_what_exists(option) if registry else "")) from None
     return info.model_uri, info.run_id
+
+
+def _weights_only(run_id: str) -> str | None:
+    """For a run that logged its weights but no model: why, and the command that trains it again
+    with one (same config and seed, same weights on the CPU); None for any other run."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    if MODEL_URI_TAG in run.data.tags or "mlflow.model_format" not in run.data.params:
+        return None
+    if run.data.params["mlflow.model_format"] == "None":
+        why = "it ran with mlflow.model_format=null"
+    else:
+        why = ("it was a sweep trial that did not lead its study when it ended, and mlflow.log_models=best "
+               "exports only those (mlflow.log_models=all exports every trial's)")
+    # the trial's own overrides; a single run always logs its model in the configured format
+    overrides = [arg for arg in run.data.tags.get("hydra.overrides", "").split()
+                 if not arg.startswith(("optuna.", "mlflow.log_models=", "mlflow.model_format=null"))]
+    return (f"run {run_id} ({run.info.run_name}) logged its weights (runs:/{run_id}/weights) but no model: {why}. "
+            f"Train it again as one run to get its model: python -m mnist_sweep {' '.join(overrides)}".rstrip())
 
 
 def _what_exists(option: str) -> str:

@@ -158,11 +158,13 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize()  # so the time below is the epoch's, not the launch queue's
         seconds = time.perf_counter() - start
+        scores = evaluate(model, test_set, eval_batch_size, fmt)
         metrics = {
             "train_loss": train_loss,
-            **evaluate(model, test_set, eval_batch_size, fmt),
+            **scores,
             "epoch_seconds": seconds,
             "images_per_second": len(train_set) / seconds,
+            "eval_seconds": time.perf_counter() - start - seconds,  # what a run spends beyond these two is overhead
         }
         log.info(
             "epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  %.1fs  %.0f img/s",

@@ -105,6 +105,20 @@ def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def weights_only_trial(tmp_path_factory) -> SimpleNamespace:
+    """An MLflow store holding a sweep trial that logged its weights but no model, as
+    mlflow.log_models=best leaves a trial that did not lead its study."""
+    store = tmp_path_factory.mktemp("weights_only")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+    tracking.use_store(tracking_uri, "mnist_sweep", str(store / "mlartifacts"))
+    params = {"mlflow.model_format": "pt2", "mlflow.log_models": "best", "model": "deep"}
+    tags = {"trial": "3", "hydra.overrides": "optuna.study=mnist_sweep optuna.trial=3 model=deep optim.lr=0.05"}
+    with tracking.run("deep-sgd-lr0.05-bs64", params, tags) as active:
+        tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), None)
+    return SimpleNamespace(tracking_uri=tracking_uri, run_id=active.info.run_id)
+
+
+@pytest.fixture(scope="session")
 def store_without_champion(tmp_path_factory) -> SimpleNamespace:
     """An MLflow store where two runs logged a model and no sweep registered one: ``make run`` twice."""
     store = tmp_path_factory.mktemp("no_champion")

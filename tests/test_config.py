@@ -76,6 +76,7 @@ def test_model_standardises_raw_pixels_itself():
         (["threads=-1"], "threads must be >= 0"),
         (["device=tpu"], "device must be one of auto, cpu, cuda, mps"),
         (["mlflow.model_format=onnx"], "mlflow.model_format must be pt2, pickle or null"),
+        (["mlflow.log_models=some"], "mlflow.log_models must be best or all, got 'some'"),
         (["model.kernel_size=4"], "model.kernel_size must be a positive odd integer .*, got 4"),
         (["model.kernel_size=-1"], "model.kernel_size must be a positive odd integer"),
         (["model.kernel_size=3.0"], "model.kernel_size must be a positive odd integer"),

@@ -73,7 +73,7 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
         assert logged.dataset.source_type == "local"
         assert json.loads(logged.dataset.source) == {"uri": data.raw_dir(root).resolve().as_uri()}
 
-    for name in ("train_loss", "test_loss", "test_acc", "epoch_seconds", "images_per_second"):
+    for name in ("train_loss", "test_loss", "test_acc", "epoch_seconds", "images_per_second", "eval_seconds"):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [1, 2], name
     final_acc = run.data.metrics["test_acc"]

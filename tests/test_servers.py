@@ -6,6 +6,7 @@ import subprocess
 import mlflow
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import run_cli
@@ -85,6 +86,36 @@ def test_with_no_champion_each_command_names_the_latest_run_in_one_line(store_wi
     assert f"{option}=models:/mnist-cnn@champion: Registered Model with name=mnist-cnn not found" in error
     assert "make sweep" in error
     assert f"{option}=runs:/{store_without_champion.latest_run_id}/model, the latest run's model (newer-run)" in error
+
+
+@pytest.mark.parametrize("command,option", [
+    (("mnist_sweep.evaluate",), "model_uri"),
+    (("mnist_sweep.predict", "images=whatever.png"), "model_uri"),
+    (("mnist_sweep.servers", "model"), "MODEL"),
+])
+def test_a_trial_with_weights_only_is_one_line_that_says_how_to_get_its_model(weights_only_trial, command, option):
+    run_id = weights_only_trial.run_id
+    for uri in (run_id, f"runs:/{run_id}/model"):
+        error = one_line_error(run_cli(*command, f"model_uri={uri}", f"mlflow.tracking_uri={weights_only_trial.tracking_uri}"))
+        assert error.startswith(f"error: {option}=")
+        assert f"run {run_id} (deep-sgd-lr0.05-bs64) logged its weights (runs:/{run_id}/weights) but no model" in error
+        assert "mlflow.log_models=best" in error
+        # the trial's own overrides, without its study identity: a single run that logs the model
+        assert error.rstrip().endswith("Train it again as one run to get its model: python -m mnist_sweep model=deep "
+                                       "optim.lr=0.05")
+
+
+def test_a_run_without_a_model_says_it_ran_with_model_format_null(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.use_store(tracking_uri, "mnist_sweep", str(tmp_path / "mlartifacts"))
+    params = {"mlflow.model_format": None, "mlflow.log_models": "best"}
+    with tracking.run("no-model", params, {"hydra.overrides": "mlflow.model_format=null epochs=2"}) as active:
+        tracking.log_outputs(torch.nn.Linear(1, 1), None, torch.zeros(2, 1), None)
+    mlflow.set_tracking_uri(tracking_uri)
+    with pytest.raises(tracking.ModelNotFound) as err:
+        tracking.resolve_model(active.info.run_id)
+    assert "no model: it ran with mlflow.model_format=null" in str(err.value)
+    assert str(err.value).endswith("python -m mnist_sweep epochs=2")
 
 
 def test_with_no_model_at_all_the_error_says_to_train_first(tmp_path):

@@ -10,9 +10,11 @@ import time
 import mlflow
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import run_cli
+from mnist_sweep import tracking
 from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.study import RUN_ID_ATTR, open_storage
 from mnist_sweep.sweep import CHAMPION, FAILURE_TAG, PARENT_ATTR, REGISTERED_MODEL, STUDY_TAG
@@ -55,6 +57,20 @@ def assert_ended_as_their_trials(kids, trials) -> None:
             assert kid.info.status == "KILLED" and "pruned" in kid.data.tags
         else:
             assert kid.info.status == "FINISHED"
+
+
+def assert_models_only_for_leaders(client: MlflowClient, kids, trials) -> None:
+    """mlflow.log_models=best: every run keeps its weights; the full model only for a trial that
+    led the study when it ended (completed trials in the order they ended)."""
+    best, leaders = float("-inf"), set()
+    for trial in sorted(trials, key=lambda t: t.datetime_complete):
+        if trial.state == optuna.trial.TrialState.COMPLETE and trial.value >= best:
+            best, leaders = trial.value, leaders | {trial.user_attrs[RUN_ID_ATTR]}
+    completed = {t.user_attrs[RUN_ID_ATTR] for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    for kid in kids:
+        if kid.info.run_id in completed:  # a pruned trial stops before its outputs
+            assert [a.path for a in client.list_artifacts(kid.info.run_id, "weights")] == ["weights/state_dict.pt"]
+        assert (tracking.MODEL_URI_TAG in kid.data.tags) == (kid.info.run_id in leaders), kid.data.tags["trial"]
 
 
 def runs(tmp_path) -> tuple[MlflowClient, list, dict]:
@@ -100,6 +116,10 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     assert plots == {f"plots/{p}.png" for p in ("optimization_history", "param_importances", "parallel_coordinate")}
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     assert champion.run_id == best_kid.info.run_id
+    assert_models_only_for_leaders(client, kids, trials)
+    images = torch.zeros(3, 1, 28, 28)
+    with torch.inference_mode():  # the champion is a pt2 model that loads without a pickle
+        assert tracking.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")(images).shape == (3, 10)
 
     sweep(overrides, "hydra.sweeper.n_trials=2")  # same study name: continues it, under the same parent
     trials = study(tmp_path).get_trials()
@@ -114,6 +134,7 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     assert_ended_as_their_trials(children[parent.info.run_id], trials)
     history = client.get_metric_history(parent.info.run_id, "best_test_acc")
     assert sorted(m.step for m in history) == [3, 5]  # refreshed by each invocation, step = finished trials
+    assert_models_only_for_leaders(client, children[parent.info.run_id], trials)
 
 
 def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
