@@ -18,12 +18,14 @@ hydra-optuna-sweeper's own implementation: its search-space syntax and config ke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -242,9 +244,16 @@ class StudySweeperImpl(OptunaSweeperImpl):
             return optuna.load_study(**kwargs), False
 
     def _run_trials(self, study: optuna.Study, storage, space: dict, fixed: dict) -> None:
+        with ctrl_c_remembered() as interrupted:
+            self._run_batches(study, storage, space, fixed, interrupted)
+
+    def _run_batches(self, study: optuna.Study, storage, space: dict, fixed: dict,
+                     interrupted: threading.Event) -> None:
         deadline = time.monotonic() + self.timeout if self.timeout else math.inf
         todo = self.n_trials
         while todo > 0:
+            if interrupted.is_set():  # a Ctrl-C that Python swallowed still stops the sweep, between trials
+                raise KeyboardInterrupt
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.9
                 optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (and re-queued)
@@ -326,6 +335,24 @@ class StudySweeperImpl(OptunaSweeperImpl):
             results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
             log.info("best trial %d: %s = %s", best.number, best.params, best.value)
         OmegaConf.save(OmegaConf.create(results), path)
+
+
+@contextlib.contextmanager
+def ctrl_c_remembered() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: Python drops the exception
+    when it lands in a garbage-collector callback ("Exception ignored in ..."), which a long sweep
+    meets sooner or later, and the sweep must stop anyway."""
+    interrupted = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _handover(study_name: str, number: int) -> tuple[str, str]:

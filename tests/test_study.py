@@ -1,8 +1,12 @@
 """A job's side of its trial, on a real study database (no sweep, no training)."""
 
+import os
+import signal
+import time
+
 import optuna
 
-from mnist_sweep.study import JobTrial, open_storage
+from mnist_sweep.study import JobTrial, ctrl_c_remembered, open_storage
 
 
 def test_a_trial_leads_when_no_completed_trial_is_better(tmp_path):
@@ -16,3 +20,15 @@ def test_a_trial_leads_when_no_completed_trial_is_better(tmp_path):
     assert not second.leads(0.4)
     study.ask()  # a running trial has no value yet: it does not count
     assert not JobTrial(study, study.ask().number, storage, None).leads(0.49)
+
+
+def test_a_swallowed_ctrl_c_is_still_remembered():
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_remembered() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # what Python does to one raised in a garbage-collector callback
+        assert interrupted.is_set()  # so the sweep loop still stops before its next trial
+    assert signal.getsignal(signal.SIGINT) is before
