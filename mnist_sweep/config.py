@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mnist_sweep.model import MAX_BLOCKS
+from mnist_sweep.model import IMAGE_SIDE, MAX_BLOCKS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The checkout this package runs from: outputs/ and data/ are anchored here, not in the cwd, so
@@ -29,6 +29,8 @@ class DataConfig:
     root: str = MISSING
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
+    val_size: int = MISSING
+    split_seed: int = MISSING
     md5: dict[str, str] = field(default_factory=dict)
 
 
@@ -60,6 +62,7 @@ class PruningConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
+    augment: Any = MISSING
     optim: Any = MISSING
     scheduler: Any = None
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -111,13 +114,17 @@ def _number(value: Any) -> bool:
 # surface mid-run, or never: an even kernel trains a different network without a word.
 # A key its group does not have (AdamW has no momentum) is skipped.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("model.channels", lambda v: OmegaConf.is_list(v) and 1 <= len(v) <= MAX_BLOCKS
-     and all(_integer(c) and c >= 1 for c in v), f"a list of 1 to {MAX_BLOCKS} positive widths, one per block"),
+    ("model.channels", lambda v: (_integer(v) and v >= 1) or (OmegaConf.is_list(v) and 1 <= len(v) <= MAX_BLOCKS
+     and all(_integer(c) and c >= 1 for c in v)),
+     f"a positive width, or a list of 1 to {MAX_BLOCKS} positive widths, one per block"),
     ("model.convs_per_block", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("model.kernel_size", lambda v: _integer(v) and v >= 1 and v % 2 == 1,
      "a positive odd integer (padding keeps the map size only for odd kernels)"),
     ("model.batch_norm", lambda v: isinstance(v, bool), "true or false"),
     ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("augment.shift", lambda v: _integer(v) and 0 <= v < IMAGE_SIDE // 2, f"an integer in [0, {IMAGE_SIDE // 2})"),
+    ("augment.degrees", lambda v: _number(v) and 0 <= v <= 180, "in [0, 180]"),
+    ("augment.scale", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
     ("optim.lr", lambda v: _number(v) and v > 0, "> 0"),
     ("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
     ("optim.nesterov", lambda v: isinstance(v, bool), "true or false"),
@@ -131,6 +138,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("scheduler.cycle_momentum", lambda v: isinstance(v, bool), "true or false"),
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.val_size", lambda v: v >= 0, ">= 0 (0: no validation split)"),
     ("epochs", lambda v: v >= 1, ">= 1"),
     ("threads", lambda v: v >= 0, ">= 0 (0 = every core)"),
     ("pruning.checks_per_epoch", lambda v: v >= 0, ">= 0"),

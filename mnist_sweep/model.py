@@ -9,6 +9,7 @@ from torch import nn
 
 IMAGE_SIDE = 28
 MAX_BLOCKS = 4  # each block halves the 28×28 map: a fifth would pool a 1×1 map away
+BLOCKS = 3  # what a single width means: three blocks, each twice as wide as the one before
 # MNIST training-set pixel statistics in raw 0-255 units: the model standardises its own input,
 # so a saved or served model takes raw pixels and no caller can forget the preprocessing.
 PIXEL_MEAN, PIXEL_STD = 0.1307 * 255, 0.3081 * 255
@@ -18,12 +19,15 @@ class ConvNet(nn.Module):
     """``len(channels)`` blocks of (conv → [BN] → ReLU) × convs_per_block → 2×2 max-pool,
     then dropout → linear over the flattened maps.
 
+    ``channels``: each block's width, or one width ``w`` for the blocks ``[w, 2w, 4w]`` (what the
+    sweep searches: a single number is one Optuna parameter, a list is not).
+
     Input: (N, 1, 28, 28) float raw pixels 0-255. Output: (N, 10) class scores (logits).
     """
 
     def __init__(
         self,
-        channels: Sequence[int],
+        channels: int | Sequence[int],
         convs_per_block: int = 1,
         kernel_size: int = 3,
         batch_norm: bool = True,
@@ -31,6 +35,8 @@ class ConvNet(nn.Module):
         num_classes: int = 10,
     ):
         super().__init__()
+        if isinstance(channels, int):
+            channels = [channels * 2**block for block in range(BLOCKS)]
         if not 1 <= len(channels) <= MAX_BLOCKS:
             raise ValueError(f"model.channels needs 1 to {MAX_BLOCKS} blocks, got {len(channels)}")
         if kernel_size % 2 == 0:  # an even kernel would grow each map by one pixel: a different network

@@ -138,9 +138,11 @@ def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: R
     finished = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
     if best is not None:
         client.log_metric(parent_id, "best_test_acc", best.data.metrics["test_acc"], step=len(finished))
+        if "val_acc" in best.data.metrics:  # what chose it; test_acc above is then its report
+            client.log_metric(parent_id, "best_val_acc", best.data.metrics["val_acc"], step=len(finished))
         client.set_tag(parent_id, "best_run_id", best.info.run_id)
         client.set_tag(parent_id, "best.trial", best.data.tags.get(TRIAL_TAG, ""))
-        for key in ("model", "optim.lr", "data.batch_size"):
+        for key in ("model", "optim.lr", "data.batch_size", "epochs", "augment"):
             client.set_tag(parent_id, f"best.{key}", best.data.params.get(key))
     client.set_tag(parent_id, "trials", f"{len(finished)} finished")
     if Path(results_file).exists():
@@ -173,10 +175,11 @@ class MlflowGridCallback(Callback):
         atexit.unregister(self._stopped_early)
         client = MlflowClient()
         experiment = client.get_experiment_by_name(self.experiment).experiment_id
-        query = f"tags.mlflow.parentRunId = '{self.parent_id}' and metrics.test_acc >= 0"
-        runs = client.search_runs([experiment], query, order_by=["metrics.test_acc DESC"], max_results=1)
+        metric = selection_metric(config.data.val_size)
+        query = f"tags.mlflow.parentRunId = '{self.parent_id}' and metrics.{metric} >= 0"
+        runs = client.search_runs([experiment], query, order_by=[f"metrics.{metric} DESC"], max_results=1)
         if runs:
-            client.log_metric(self.parent_id, "best_test_acc", runs[0].data.metrics["test_acc"])
+            client.log_metric(self.parent_id, f"best_{metric}", runs[0].data.metrics[metric])
             client.set_tag(self.parent_id, "best_run_id", runs[0].info.run_id)
             with stores.lock(self.tracking_uri):
                 promote(client, runs[0])
@@ -198,10 +201,17 @@ def grid_parent(sweep_dir: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def selection_metric(val_size: int) -> str:
+    """What chooses between runs: validation accuracy when a split is held out for it."""
+    return "val_acc" if val_size else "test_acc"
+
+
 def promote(client: MlflowClient, best: Run) -> None:
     """Register the best run's model (once per run); point ``champion`` at it if it beats the
-    current champion. Callers hold the store's lock: the read and the move must not interleave."""
-    acc = best.data.metrics["test_acc"]
+    current champion on the metric that chose it (``val_acc`` if it has one, else ``test_acc``).
+    Callers hold the store's lock: the read and the move must not interleave."""
+    metric = "val_acc" if "val_acc" in best.data.metrics else "test_acc"
+    acc = best.data.metrics[metric]
     try:
         current = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     except mlflow.exceptions.MlflowException:
@@ -209,9 +219,12 @@ def promote(client: MlflowClient, best: Run) -> None:
     if current is not None:
         if current.run_id == best.info.run_id:
             return
-        champion_acc = client.get_run(current.run_id).data.metrics.get("test_acc", 0.0)
+        # a champion chosen on test_acc has no val_acc: a model chosen without looking at the
+        # test set replaces it (their scores don't compare)
+        champion_acc = client.get_run(current.run_id).data.metrics.get(metric, 0.0)
         if acc <= champion_acc:
-            log.info("best run %.4f does not beat champion v%s (%.4f)", acc, current.version, champion_acc)
+            log.info("best run's %s %.4f does not beat champion v%s (%.4f)", metric, acc, current.version,
+                     champion_acc)
             return
     model_uri = best.data.tags.get(tracking.MODEL_URI_TAG)
     if model_uri is None:
@@ -220,7 +233,7 @@ def promote(client: MlflowClient, best: Run) -> None:
     versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{best.info.run_id}'")
     version = versions[0] if versions else mlflow.register_model(model_uri, REGISTERED_MODEL)
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
-    log.info("registered %s v%s (test_acc %.4f) as @%s", REGISTERED_MODEL, version.version, acc, CHAMPION)
+    log.info("registered %s v%s (%s %.4f) as @%s", REGISTERED_MODEL, version.version, metric, acc, CHAMPION)
 
 
 def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:

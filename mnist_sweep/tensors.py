@@ -53,3 +53,18 @@ def batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[torch.Te
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield split.images[idx], split.labels[idx]
+
+
+def holdout(split: Split, size: int, seed: int) -> tuple[Split, Split | None]:
+    """``split`` less ``size`` examples drawn with ``seed``, and those examples (None when ``size`` is 0).
+
+    The draw depends on ``seed`` and the split's length only, so every trial of a study, whatever
+    its own seed, holds out the same images and their scores compare.
+    """
+    if size == 0:
+        return split, None
+    if not 0 < size < len(split):
+        raise ValueError(f"data.val_size={size} must leave training images: the training split has {len(split)}")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).to(split.labels.device)
+    keep, held = order[size:].sort().values, order[:size].sort().values  # sorted: a plain gather, in file order
+    return Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held])

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from mnist_sweep.tensors import Split, batches
 
 log = logging.getLogger(__name__)
+# (images, generator) -> images of the same shape, e.g. augment.RandomAffine
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 class DeviceError(RuntimeError):
@@ -72,8 +74,10 @@ def train_epoch(
     progress: bool = False,
     checks: int = 0,
     on_check: Callable[[int], None] = lambda check: None,
+    augment: Augment = lambda images, generator: images,
 ) -> float:
-    """One pass over ``train_set`` in an order drawn from ``seed``; returns the mean training loss.
+    """One pass over ``train_set`` in an order drawn from ``seed``, each batch through ``augment``
+    (its randomness drawn from ``seed`` too); returns the mean training loss.
 
     ``on_check(j)`` runs after the batch that ends the j-th of ``checks + 1`` equal parts of the
     epoch, for j = 1..checks (the epoch's end is the caller's).
@@ -82,9 +86,10 @@ def train_epoch(
     total = torch.zeros((), device=train_set.labels.device)
     steps = math.ceil(len(train_set) / batch_size)
     check_after = {steps * j // (checks + 1): j for j in range(1, checks + 1)}
+    generator = torch.Generator(train_set.labels.device).manual_seed(seed)
     for step, (images, labels) in enumerate(tqdm(batches(train_set, batch_size, seed), total=steps,
                                                  disable=not progress, leave=False, unit="batch"), start=1):
-        loss = F.cross_entropy(model(images.contiguous(memory_format=fmt)), labels)
+        loss = F.cross_entropy(model(augment(images, generator).contiguous(memory_format=fmt)), labels)
         if not torch.isfinite(loss):
             raise Diverged(f"training loss became {loss.item()}; lower optim.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -102,7 +107,7 @@ def train_epoch(
 def evaluate(
     model: nn.Module, split: Split, batch_size: int, fmt: torch.memory_format = torch.contiguous_format
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy (a fraction in [0, 1]) of ``model`` on ``split``."""
+    """Mean cross-entropy (``loss``) and accuracy (``acc``, a fraction in [0, 1]) of ``model`` on ``split``."""
     model.eval()
     loss = torch.zeros((), device=split.labels.device)
     correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
@@ -112,7 +117,7 @@ def evaluate(
         logits = model(images)
         loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
-    return {"test_loss": loss.item() / len(split), "test_acc": correct.item() / len(split)}
+    return {"loss": loss.item() / len(split), "acc": correct.item() / len(split)}
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -133,8 +138,12 @@ def fit(
     checks_per_epoch: int = 0,
     check_set: Split | None = None,
     on_check: CheckCallback = lambda step, accuracy: None,
+    val_set: Split | None = None,
+    augment: Augment = lambda images, generator: images,
 ) -> dict[str, float]:
-    """Train for ``epochs``, evaluating after each; returns the last epoch's metrics.
+    """Train for ``epochs``, each batch through ``augment``, evaluating on ``test_set`` (``test_acc``,
+    ``test_loss``) and ``val_set`` if any (``val_acc``, ``val_loss``) after each epoch; returns
+    the last epoch's metrics.
 
     ``checks_per_epoch`` times inside each epoch (evenly spaced), the accuracy on ``check_set`` goes
     to ``on_check(step, accuracy)``; ``step`` counts checks and epoch ends together, so epoch e
@@ -151,14 +160,16 @@ def fit(
         first_step = (epoch - 1) * (checks_per_epoch + 1)
 
         def check(j: int) -> None:
-            on_check(first_step + j, evaluate(model, check_set, eval_batch_size, fmt)["test_acc"])
+            on_check(first_step + j, evaluate(model, check_set, eval_batch_size, fmt)["acc"])
 
         train_loss = train_epoch(model, optimizer, scheduler, train_set, batch_size, seed + epoch, fmt, progress,
-                                 checks_per_epoch if check_set is not None else 0, check)
+                                 checks_per_epoch if check_set is not None else 0, check, augment)
         if device.type == "cuda":
             torch.cuda.synchronize()  # so the time below is the epoch's, not the launch queue's
         seconds = time.perf_counter() - start
-        scores = evaluate(model, test_set, eval_batch_size, fmt)
+        scored = {"test": test_set} | ({"val": val_set} if val_set is not None else {})
+        scores = {f"{name}_{key}": value for name, split in scored.items()
+                  for key, value in evaluate(model, split, eval_batch_size, fmt).items()}
         metrics = {
             "train_loss": train_loss,
             **scores,
@@ -167,9 +178,9 @@ def fit(
             "eval_seconds": time.perf_counter() - start - seconds,  # what a run spends beyond these two is overhead
         }
         log.info(
-            "epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  %.1fs  %.0f img/s",
+            "epoch %d/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f%s  %.1fs  %.0f img/s",
             epoch, epochs, metrics["train_loss"], metrics["test_loss"], metrics["test_acc"],
-            seconds, metrics["images_per_second"],
+            f"  val_acc {metrics['val_acc']:.4f}" if val_set is not None else "", seconds, metrics["images_per_second"],
         )
         on_epoch(epoch, metrics)
     return metrics

@@ -38,6 +38,7 @@ def test_every_group_combination_composes_and_instantiates(model, optim, schedul
 def test_the_groups_offer_what_the_docs_promise():
     assert {"shallow", "deep"} <= set(options("model"))
     assert {"sgd", "adam"} <= set(options("optim"))
+    assert {"none", "shift", "affine"} <= set(options("augment"))
     cfg = compose_with()
     assert cfg.optim._target_ == "torch.optim.SGD" and cfg.optim.momentum > 0
     assert compose_with("model=deep").model.convs_per_block > cfg.model.convs_per_block
@@ -50,6 +51,14 @@ def test_output_shape_for_every_model_and_depth(model, channels):
     net = instantiate(cfg.model).eval()
     assert net(torch.rand(5, 1, 28, 28) * 255).shape == (5, 10)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == len(channels) * cfg.model.convs_per_block
+
+
+def test_one_width_means_three_blocks_each_twice_as_wide():
+    """What the sweep searches (model.channels=32): one number, the widths doubling from it."""
+    cfg = compose_with("model=deep", "model.channels=32")
+    validate(cfg)
+    convs = [m for m in instantiate(cfg.model).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
 
 
 def test_too_deep_a_model_is_refused():
@@ -80,11 +89,19 @@ def test_model_standardises_raw_pixels_itself():
         (["model.kernel_size=4"], "model.kernel_size must be a positive odd integer .*, got 4"),
         (["model.kernel_size=-1"], "model.kernel_size must be a positive odd integer"),
         (["model.kernel_size=3.0"], "model.kernel_size must be a positive odd integer"),
-        (["model.channels=[]"], r"model.channels must be a list of 1 to 4 positive widths, one per block, got \[\]"),
-        (["model.channels=[8,8,8,8,8]"], "model.channels must be a list of 1 to 4"),
-        (["model.channels=[8,0]"], "model.channels must be a list of 1 to 4 positive widths"),
-        (["model.channels=[8,true]"], "model.channels must be a list of 1 to 4 positive widths"),
-        (["model.channels=16"], "model.channels must be a list"),
+        (["model.channels=[]"], r"model.channels must be a positive width, or a list of 1 to 4 positive widths, "
+                                r"one per block, got \[\]"),
+        (["model.channels=[8,8,8,8,8]"], "model.channels must be a positive width, or a list of 1 to 4"),
+        (["model.channels=[8,0]"], "model.channels must be a positive width, or a list"),
+        (["model.channels=[8,true]"], "model.channels must be a positive width, or a list"),
+        (["model.channels=0"], "model.channels must be a positive width, or a list .*, got 0"),
+        (["model.channels=16.0"], "model.channels must be a positive width, or a list"),
+        (["augment=shift", "augment.shift=14"], r"augment.shift must be an integer in \[0, 14\), got 14"),
+        (["augment.shift=-1"], r"augment.shift must be an integer in \[0, 14\)"),
+        (["augment.shift=1.5"], r"augment.shift must be an integer in \[0, 14\)"),
+        (["augment=affine", "augment.degrees=-5"], r"augment.degrees must be in \[0, 180\], got -5"),
+        (["augment=affine", "augment.scale=1.0"], r"augment.scale must be in \[0, 1\), got 1.0"),
+        (["data.val_size=-1"], r"data.val_size must be >= 0 \(0: no validation split\), got -1"),
         (["model.convs_per_block=0"], "model.convs_per_block must be an integer >= 1"),
         (["model.batch_norm=maybe"], "model.batch_norm must be true or false, got 'maybe'"),
         (["model.dropout=1.5"], r"model.dropout must be in \[0, 1\), got 1.5"),
@@ -115,6 +132,7 @@ def test_every_documented_constraint_is_a_one_line_error(overrides, message):
 
 @pytest.mark.parametrize("overrides", [
     ["model.kernel_size=5", "model.channels=[8]", "model.dropout=0.5", "model.convs_per_block=2"],
+    ["model.channels=8", "augment=affine", "augment.shift=13", "augment.degrees=180", "augment.scale=0.9"],
     ["optim.momentum=0", "optim.nesterov=false", "optim.weight_decay=0"],
     ["optim=adam", "optim.betas=[0.0,0.5]"],
     ["scheduler.pct_start=0.9", "scheduler.cycle_momentum=false"],
@@ -126,7 +144,8 @@ def test_values_inside_the_constraints_pass_and_build(overrides):
     net = instantiate(cfg.model)
     optimizer = instantiate(cfg.optim)(net.parameters())
     schedule = instantiate(cfg.scheduler)(optimizer, total_steps=10)
-    net(torch.zeros(2, 1, 28, 28)).sum().backward()
+    images = instantiate(cfg.augment)(torch.rand(2, 1, 28, 28) * 255, torch.Generator().manual_seed(0))
+    net(images).sum().backward()
     optimizer.step()
     schedule.step()
 

@@ -221,3 +221,16 @@ def test_data_cli_fails_with_one_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert done.stderr.startswith("error: ") and "data.rooot" in done.stderr
+
+
+def test_a_validation_split_is_its_own_dataset_and_its_carving_changes_the_digests(tmp_path):
+    md5 = write_tiny_mnist(tmp_path)
+    data.prepare(tmp_path, md5, log=lambda m: None)
+    plain_train, test = data.datasets(tmp_path, md5)
+    train, val, test_again = data.datasets(tmp_path, md5, val_size=10, split_seed=0)
+    assert (val.name, val.context) == ("mnist-val", "validation") and val.source == train.source
+    assert test_again == test  # the test set is untouched by the carving
+    assert len({plain_train.digest, train.digest, val.digest}) == 3  # 55,000 images are not 60,000
+    assert data.datasets(tmp_path, md5, val_size=10, split_seed=0)[1] == val  # the same carving, the same digest
+    assert data.datasets(tmp_path, md5, val_size=10, split_seed=1)[1].digest != val.digest
+    assert data.datasets(tmp_path, md5, val_size=11, split_seed=0)[1].digest != val.digest

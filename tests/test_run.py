@@ -102,6 +102,37 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     assert tuple(signature["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
 
 
+def test_a_validation_split_is_scored_each_epoch_and_is_what_the_run_returns(overrides, tiny_mnist, tmp_path):
+    score = run_in_process([*overrides, "data.val_size=64", "epochs=2", "augment=shift",
+                            "mlflow.model_format=null"], tmp_path / "run")
+    client = store(tmp_path)
+    run = only_run(client)
+    assert score == run.data.metrics["val_acc"]  # what a sweep maximises; test_acc is the report
+    for name in ("val_acc", "val_loss", "test_acc", "test_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2], name
+    assert run.data.params["data.val_size"] == "64" and run.data.params["data.split_seed"] == "0"
+    assert run.data.params["augment"] == "shift" and run.data.params["augment.shift"] == "2"
+    inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
+    assert inputs == {"mnist-train": {"mlflow.data.context": "training"},
+                      "mnist-val": {"mlflow.data.context": "validation"},
+                      "mnist-test": {"mlflow.data.context": "testing"}}
+
+    # the validation images are 64 of the training images, and none of them were trained on
+    root, md5 = tiny_mnist
+    train_set, _ = tensors.load(data.tensor_file(root), torch.device("cpu"))
+    kept, held = tensors.holdout(train_set, 64, seed=0)
+    assert len(kept) == len(train_set) - 64 and len(held) == 64
+
+
+def test_a_validation_split_as_big_as_the_training_set_is_one_line(overrides, tmp_path):
+    done = run_cli("mnist_sweep", *overrides, "data.val_size=320")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == ("error: data.val_size=320 must leave training images: "
+                                                    "the training split has 320"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert "epoch" not in done.stdout
+
+
 def test_nan_loss_ends_the_run_failed_and_scores_zero(overrides, tmp_path):
     score = run_in_process([*overrides, "optim.lr=1e8", "mlflow.model_format=null"], tmp_path / "run")
     assert score == 0.0
@@ -133,7 +164,7 @@ def test_interrupted_run_ends_killed(tmp_path):
      ("epochs=0", "error: epochs must be >= 1"), ("device=tpu", "error: device must be one of"),
      ("model.kernel_size=4", "error: model.kernel_size must be a positive odd integer"),
      ("model.dropout=1.5", "error: model.dropout must be in [0, 1), got 1.5"),
-     ("model.channels=[]", "error: model.channels must be a list of 1 to 4 positive widths")],
+     ("model.channels=[]", "error: model.channels must be a positive width, or a list of 1 to 4 positive widths")],
 )
 def test_bad_input_is_one_line_before_any_run_exists(overrides, tmp_path, override, message):
     done = run_cli("mnist_sweep", *overrides, override)

@@ -302,8 +302,9 @@ def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
     first_good = min(t.number for t in trials if t.params["optim.lr"] == 0.05)
     hopeless = [t for t in trials if t.params["optim.lr"] == 1e-6 and t.number > first_good]
     assert hopeless and all(t.state == optuna.trial.TrialState.PRUNED for t in hopeless)
-    steps_per_trial = 3 * (1 + 3)  # 3 epochs, 3 checks inside each and its end
-    assert all(max(t.intermediate_values) < steps_per_trial for t in pruned)
+    # the pruner's steps are the percent of its training a trial has done: 3 epochs of 4 reports each
+    assert all(set(t.intermediate_values) <= {round(100 * k / 12) for k in range(1, 13)} for t in trials)
+    assert all(max(t.intermediate_values) < 100 for t in pruned)
     client, (parent,), _ = runs(tmp_path)
     for trial in pruned:
         run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
@@ -319,3 +320,43 @@ def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
     assert len(study(tmp_path).get_trials()) == 3
     sweep(overrides, "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=0.5", "hydra.sweeper.study_name=timed")
     assert len(study(tmp_path, "timed").get_trials()) == 1  # the first trial outlasts the budget
+
+
+def test_with_a_validation_split_the_study_maximises_val_acc_and_the_champion_is_chosen_by_it(overrides, tmp_path):
+    sweep(overrides, "hydra.sweeper.n_trials=3", "data.val_size=64", "hydra/sweeper/pruner=none")
+    trials = study(tmp_path).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    client, (parent,), children = runs(tmp_path)
+    kids = children[parent.info.run_id]
+    by_run = {k.info.run_id: k for k in kids}
+    for trial in trials:  # each trial's value is its run's validation accuracy, not its test accuracy
+        assert trial.value == pytest.approx(by_run[trial.user_attrs[RUN_ID_ATTR]].data.metrics["val_acc"])
+    assert any(k.data.metrics["val_acc"] != k.data.metrics["test_acc"] for k in kids)  # they can tell apart
+    best_val = max(k.data.metrics["val_acc"] for k in kids)
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    assert by_run[champion.run_id].data.metrics["val_acc"] == best_val
+    assert parent.data.metrics["best_val_acc"] == best_val
+    assert parent.data.metrics["best_test_acc"] == by_run[champion.run_id].data.metrics["test_acc"]  # its report
+
+
+def test_the_champion_moves_on_the_metric_that_chose_the_candidate(tmp_path):
+    """A model chosen on validation replaces one chosen on the test set; among models chosen on
+    validation, the higher val_acc wins, whatever their test_acc."""
+    from mnist_sweep import sweep as sweep_module
+    from mnist_sweep.model import ConvNet
+
+    tracking.use_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "promote", str(tmp_path / "mlartifacts"))
+    client = MlflowClient()
+
+    def candidate(**metrics: float):
+        with tracking.run("candidate", {}, {}) as active:
+            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")
+            mlflow.log_metrics(metrics)
+        run = client.get_run(active.info.run_id)
+        sweep_module.promote(client, run)
+        return client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id == run.info.run_id
+
+    assert candidate(test_acc=0.99)                   # the first champion, chosen on test
+    assert candidate(val_acc=0.95, test_acc=0.97)     # chosen on validation: replaces it
+    assert not candidate(val_acc=0.94, test_acc=0.999)  # a better test_acc does not choose
+    assert candidate(val_acc=0.96, test_acc=0.96)
