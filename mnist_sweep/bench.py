@@ -83,6 +83,14 @@ TRACKING_REPEATS = 3  # per store, after one warm-up (the first model export imp
 PRUNERS = ("none", "median", "hyperband")
 PRUNE_TRIALS = 10    # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2     # a trial's length: pruning can save most of it
+AUGMENTS = ("none", "shift", "affine")
+# The searches of issue 12's targets, each (its arguments, the target its best trial's test accuracy
+# must reach); each is the README's command, spawn to exit, on the real data.
+SEARCHES = {
+    "default -m, 10-minute budget": (["hydra.sweeper.timeout=600"], 0.995),
+    "hydra/sweeper=long": (["hydra/sweeper=long"], 0.9965),
+    "hydra/sweeper=long data.val_size=5000, champion on test": (["hydra/sweeper=long", "data.val_size=5000"], 0.996),
+}
 # Phases of a run's overhead, from its cProfile: (file, function) pairs whose cumulative times add up
 # to each. Two are what is left around others: "imports" is all that runs outside Hydra's main (module
 # imports, interpreter start and exit); "config" adds to validate what Hydra does around our main
@@ -132,7 +140,9 @@ ROWS = (             # every table row, in order (the smoke test checks them)
     *(f"search, pruner {name}" for name in PRUNERS),
     *(f"wall time saved by {name} pruning" for name in PRUNERS[1:]),
     "GPU: fit to 99.0% after warm-up",
+    *(f"augment={name}: one epoch" for name in AUGMENTS),
 )
+SEARCH_ROWS = tuple(f"search target: {name}" for name in SEARCHES)  # ``--search`` measures these alone
 OVERHEAD_ROWS = ROWS[ROWS.index("import torch alone"):ROWS.index("sweep: overhead per trial") + 1]
 
 
@@ -268,11 +278,38 @@ def time_bare_fit(cfg) -> dict:
     torch.manual_seed(cfg.seed)
     train_set, test_set = tensors.load(data.tensor_file(cfg.data.root), device)
     steps = cfg.epochs * math.ceil(len(train_set) / cfg.data.batch_size)
-    model, optimizer, scheduler = build(cfg, device, steps)
+    model, optimizer, scheduler, augment = build(cfg, device, steps)
     start = time.perf_counter()
     metrics = train.fit(model, optimizer, scheduler, train_set, test_set, epochs=cfg.epochs,
-                        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed)
-    return {"fit_s": time.perf_counter() - start, "acc": metrics["test_acc"], "device": device.type}
+                        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                        augment=augment)
+    return {"fit_s": time.perf_counter() - start, "acc": metrics["test_acc"], "device": device.type,
+            "epoch_s": metrics["epoch_seconds"]}
+
+
+def time_augment(cfg) -> dict:
+    """One epoch of ``train.fit`` with ``cfg``'s augmentation, and the seconds the warps alone take
+    over an epoch's batches (timed apart: within an epoch's noise they would not show)."""
+    from hydra.utils import instantiate
+
+    from mnist_sweep import data, tensors, train
+
+    fit = time_bare_fit(cfg)
+    device = train.pick_device(cfg.device)
+    train_set, _ = tensors.load(data.tensor_file(cfg.data.root), device)
+    augment, generator = instantiate(cfg.augment), torch.Generator(device).manual_seed(cfg.seed)
+    start = time.perf_counter()
+    for images, _ in tensors.batches(train_set, cfg.data.batch_size, cfg.seed):
+        augment(images, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return fit | {"augment_s": time.perf_counter() - start}
+
+
+def augment_text(run: dict) -> tuple[str, str, str]:
+    return (f"{run['augment_s']:.2f} s of warps", "",
+            f"{run['augment_s'] / run['epoch_s']:.0%} of its {run['epoch_s']:.1f} s epoch (train.fit, default config); "
+            f"test acc after it {100 * run['acc']:.2f}%")
 
 
 def time_import(module: str) -> float:
@@ -444,21 +481,26 @@ def time_shared_stores(out: Path, overrides: list[str], cfg, study: str, n_trial
     return sweeps, costs
 
 
-def time_search(pruner: str, n_trials: int, epochs: int, study: str, out: Path, overrides: list[str]) -> dict:
-    """One seeded search with ``pruner``: wall time, best test accuracy and its trial, trials pruned."""
+def time_search(study: str, args: list[str], out: Path, overrides: list[str], tracking_uri: str) -> dict:
+    """One seeded search, ``python -m mnist_sweep -m *args`` spawn to exit: wall time, trials, trials
+    pruned, and its best trial: value (what the study maximised), params and test accuracy."""
     import optuna
+    from mlflow import MlflowClient
+
+    from mnist_sweep.study import RUN_ID_ATTR
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"optuna\.")
     storage = f"sqlite:///{out / 'optuna.db'}"
-    cmd = ["-m", "mnist_sweep", "-m", "model=shallow", f"epochs={epochs}", f"hydra/sweeper/pruner={pruner}",
-           f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.study_name={study}",
+    cmd = ["-m", "mnist_sweep", "-m", *args, f"hydra.sweeper.study_name={study}",
            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={out / 'sweeps' / study}", *overrides]
-    _, _, seconds = run_process(cmd, f"the search with pruner {pruner}")
+    _, _, seconds = run_process(cmd, f"the search {' '.join(args)}")
     trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value, default=None)
+    # with a validation split the value is val_acc; the test accuracy is the best run's report
+    best_test = best and MlflowClient(tracking_uri).get_run(best.user_attrs[RUN_ID_ATTR]).data.metrics.get("test_acc")
     return {"seconds": seconds, "trials": len(trials), "best": best.value if best else None,
-            "best_params": best.params if best else {},
+            "best_test": best_test, "best_params": best.params if best else {},
             "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)}
 
 
@@ -467,6 +509,16 @@ def search_text(run: dict) -> tuple[str, str, str]:
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run["best_params"].items())
     return (f"{run['seconds']:.0f} s, best {best}", "",
             f"{run['trials']} trials, {run['pruned']} pruned; best trial: {params}")
+
+
+def search_target_text(run: dict, target: float, on_val: bool) -> tuple[str, str, str]:
+    """A target search: its best trial's test accuracy against ``target``, and that trial's config;
+    ``on_val``: the study maximised val_acc, which chose that trial."""
+    test = run["best_test"]
+    chosen = f" (chosen on val_acc {100 * run['best']:.2f}%)" if on_val and test is not None else ""
+    result = "n/a" if test is None else f"{100 * test:.2f}%{chosen} in {run['seconds'] / 60:.1f} min"
+    met = "n/a" if test is None else "met" if test >= target else "not met"
+    return result, f">= {100 * target:.2f}%: {met}", search_text(run)[2]
 
 
 def saving_text(base: dict, run: dict) -> tuple[str, str, str]:
@@ -599,7 +651,7 @@ def report(machine: dict, command: str, rows: dict[str, tuple[str, str, str]]) -
         "",
         "| Measurement | Result | Target | Detail |",
         "|---|---|---|---|",
-        *(f"| {label} | {' | '.join(rows[label])} |" for label in ROWS if label in rows),
+        *(f"| {label} | {' | '.join(rows[label])} |" for label in ROWS + SEARCH_ROWS if label in rows),
     ]
     return "\n".join(lines) + "\n"
 
@@ -609,8 +661,9 @@ def sweep_text(sweep: dict) -> tuple[str, str, str]:
             f"{sweep['completed']} of {sweep['asked']} trials completed in {sweep['seconds']:.1f} s")
 
 
-def other_rows(sweeps: dict, searches: dict, shared: tuple[dict, dict] | str, bare: list) -> list[tuple[str, str, str]]:
-    """The rows after the overhead's: sweeps, shared stores, pruning, GPU."""
+def other_rows(sweeps: dict, searches: dict, shared: tuple[dict, dict] | str, bare: list,
+               augments: dict) -> list[tuple[str, str, str]]:
+    """The rows after the overhead's: sweeps, shared stores, pruning, GPU, augmentation."""
     gpu = [r["fit_s"] if r["acc"] >= TARGET_ACC else None for r in bare if r["device"] == "cuda"]
     gpu_s = statistics.median(gpu) if gpu and None not in gpu else None
     return [
@@ -620,6 +673,7 @@ def other_rows(sweeps: dict, searches: dict, shared: tuple[dict, dict] | str, ba
         *(saving_text(searches["none"], searches[name]) for name in PRUNERS[1:]),
         (seconds_text(gpu) if gpu else "no GPU", target_text("<= 1 s", gpu_s, 1.0) if gpu else "<= 1 s",
          "train.fit on CUDA after one warm-up fit" if gpu else "CUDA is not available here"),
+        *(augment_text(augments[name]) for name in AUGMENTS),
     ]
 
 
@@ -634,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead", action="store_true",
                         help="only the framework's overhead: imports, runs on an existing and a fresh store, their "
                              "profiles, the bare loop, per-trial overhead in a 1-worker sweep (~4 min)")
+    parser.add_argument("--search", action="store_true",
+                        help="only the search targets: the default -m for 10 minutes, hydra/sweeper=long, and "
+                             "hydra/sweeper=long with data.val_size=5000 (~2 h on 2 CPU cores)")
     parser.add_argument("--repeats", type=int, default=3, help="times each recipe runs (alternating); default 3")
     parser.add_argument("--out", type=Path, help="where the table and the bench store go (default outputs/bench)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after `--` (e.g. data.root=DIR)")
@@ -661,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     data.prepare(Path(cfg.data.root), dict(cfg.data.md5))
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
 
+    if args.search:
+        rows = dict(zip(SEARCH_ROWS, time_searches(stamp, out, overrides, cfg.mlflow.tracking_uri, args.quick)))
+        return write_report(machine, argv, rows, args.quick, out, stamp)
     repeats = 1 if args.quick else args.repeats
     n_trials = 2 if args.quick else SWEEP_TRIALS
     classic, ours, fresh, imports = [], [], [], {"torch": [], "main": []}
@@ -703,14 +763,38 @@ def main(argv: list[str] | None = None) -> int:
         searches = {}
         for pruner in PRUNERS:
             print(f"bench: search with pruner {pruner}", file=sys.stderr, flush=True)
-            searches[pruner] = time_search(pruner, 2 if args.quick else PRUNE_TRIALS,
-                                           1 if args.quick else PRUNE_EPOCHS, f"bench-{stamp}-{pruner}", out, overrides)
+            search = ["model=shallow", f"epochs={1 if args.quick else PRUNE_EPOCHS}", f"hydra/sweeper/pruner={pruner}",
+                      f"hydra.sweeper.n_trials={2 if args.quick else PRUNE_TRIALS}"]
+            searches[pruner] = time_search(f"bench-{stamp}-{pruner}", search, out, overrides, cfg.mlflow.tracking_uri)
         rows |= dict(zip(ROWS[:3], target_rows(classic, ours)))
-        rows |= dict(zip(ROWS[ROWS.index("sweep, 1 worker x 2 threads"):], other_rows(sweeps, searches, shared, bare)))
+        augments = {}
+        for name in AUGMENTS:
+            print(f"bench: one epoch with augment={name}", file=sys.stderr, flush=True)
+            augments[name] = time_augment(compose([*overrides, f"augment={name}"]))
+        rows |= dict(zip(ROWS[ROWS.index("sweep, 1 worker x 2 threads"):],
+                         other_rows(sweeps, searches, shared, bare, augments)))
 
+    return write_report(machine, argv, rows, args.quick, out, stamp)
+
+
+def time_searches(stamp: str, out: Path, overrides: list[str], tracking_uri: str,
+                  quick: bool) -> list[tuple[str, str, str]]:
+    """Each of ``SEARCHES``, one after the other, as its target row."""
+    rows = []
+    for name, (search, target) in SEARCHES.items():
+        if quick:  # 2 trials of 1 epoch; the tiny data has 320 training images, not 60,000
+            search = [a.replace("data.val_size=5000", "data.val_size=64") for a in search]
+            search += ["hydra.sweeper.n_trials=2", "epochs=1"]
+        print(f"bench: search {' '.join(search)}", file=sys.stderr, flush=True)
+        run = time_search(f"bench-{stamp}-search-{len(rows)}", search, out, overrides, tracking_uri)
+        rows.append(search_target_text(run, target, on_val=any(a.startswith("data.val_size=") for a in search)))
+    return rows
+
+
+def write_report(machine: dict, argv: list[str] | None, rows: dict, quick: bool, out: Path, stamp: str) -> int:
     command = " ".join(["python -m mnist_sweep.bench", *(sys.argv[1:] if argv is None else argv)])
     table = report(machine, command, rows)
-    if args.quick:
+    if quick:
         table += "\nQuick run: a smoke test of the benchmark, not a measurement.\n"
     print(table)
     (out / f"bench-{stamp}.md").write_text(table)

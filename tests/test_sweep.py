@@ -294,7 +294,8 @@ def test_a_killed_worker_loses_nothing_once_another_worker_runs(overrides, tmp_p
 
 def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
     sweep(overrides, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
-          "hydra.sweeper.n_trials=6", "epochs=3", "model=shallow", "optim.lr=choice(0.05, 1e-6)")
+          "hydra.sweeper.n_trials=6", "epochs=3", "model=shallow", "augment=none", "model.dropout=0",
+          "optim.weight_decay=0", "optim.lr=choice(0.05, 1e-6)")  # the learning rate alone decides
     trials = study(tmp_path).get_trials()
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
