@@ -299,13 +299,15 @@ def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
     trials = study(tmp_path).get_trials()
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    # once a good trial has set the median, every hopeless one stops at its first check
+    # once a good trial has set the median, every hopeless one stops at its first check past the warm-up
     first_good = min(t.number for t in trials if t.params["optim.lr"] == 0.05)
     hopeless = [t for t in trials if t.params["optim.lr"] == 1e-6 and t.number > first_good]
     assert hopeless and all(t.state == optuna.trial.TrialState.PRUNED for t in hopeless)
     # the pruner's steps are the percent of its training a trial has done: 3 epochs of 4 reports each
     assert all(set(t.intermediate_values) <= {round(100 * k / 12) for k in range(1, 13)} for t in trials)
     assert all(max(t.intermediate_values) < 100 for t in pruned)
+    warmup = 25  # hydra.sweeper.pruner.n_warmup_steps: no trial stops before a quarter of its training
+    assert all(max(t.intermediate_values) >= warmup for t in pruned)
     client, (parent,), _ = runs(tmp_path)
     for trial in pruned:
         run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
