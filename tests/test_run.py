@@ -117,11 +117,12 @@ def test_a_validation_split_is_scored_each_epoch_and_is_what_the_run_returns(ove
                       "mnist-val": {"mlflow.data.context": "validation"},
                       "mnist-test": {"mlflow.data.context": "testing"}}
 
-    # the validation images are 64 of the training images, and none of them were trained on
+    # the run records the carved split it trained on: its training digest is not the whole set's
     root, md5 = tiny_mnist
-    train_set, _ = tensors.load(data.tensor_file(root), torch.device("cpu"))
-    kept, held = tensors.holdout(train_set, 64, seed=0)
-    assert len(kept) == len(train_set) - 64 and len(held) == 64
+    digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    carved = {info.name: info.digest for info in data.datasets(root, md5, val_size=64, split_seed=0)}
+    assert digests == carved
+    assert digests["mnist-train"] != data.datasets(root, md5)[0].digest
 
 
 def test_a_validation_split_as_big_as_the_training_set_is_one_line(overrides, tmp_path):
