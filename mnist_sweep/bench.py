@@ -19,8 +19,8 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    (tensors.load, ConvNet, optimizer, scheduler built untimed, then ``train.fit`` timed: train + test),
    on the bench's existing store (made untimed at setup) and for a first run on a fresh store (a new
    sqlite file each repeat: MLflow creates its schema). Its floor: ``python -c "import torch"``, spawn
-   to exit; next to it ``import mnist_sweep.__main__`` alone: every import a run makes before Hydra
-   starts. Targets: overhead <= import torch + 1.5 s (existing store), + 3 s (fresh store).
+   to exit; next to it ``python -m mnist_sweep --help``: every import a run makes and Hydra's
+   config, no run. Targets: overhead <= import torch + 1.5 s (existing store), + 3 s (fresh store).
    Where it goes: one more run of each kind under cProfile (``python -m cProfile -m mnist_sweep``),
    split into the phases of ``PHASES`` by the cumulative time of the functions that make each (the
    training loop itself, ``train.fit`` less its MLflow records, is left out). cProfile inflates
@@ -32,8 +32,9 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    ``epoch_seconds`` and ``eval_seconds`` metrics); the first trial (it pays the process's one-time
    costs) and the last (no next start) are left out.
    Target: <= 0.3 s. ``--overhead`` runs only these measurements (~4 min).
-3. Sweep throughput: completed trials per minute of a small Optuna sweep (model=shallow, 4 trials,
-   no pruner, spawn to exit), first 1 worker x 2 threads, then joblib with 2 workers x 1 thread.
+3. Sweep throughput: completed trials per minute of a small Optuna sweep (8 trials of one size,
+   ``SWEEP_PINS``: a 1-epoch default run; no pruner; spawn to exit), first 1 worker x 2 threads,
+   then joblib with 2 workers x 1 thread.
 4. Pruning: the same seeded search (model=shallow, ``PRUNE_EPOCHS`` epochs a trial, the rest of the
    default space, ``PRUNE_TRIALS`` trials) once per pruner (none, median, hyperband), spawn to
    exit: wall time, best test accuracy, trials pruned. Target: a pruner saves >= 35% of the wall
@@ -85,9 +86,12 @@ from torch import nn
 
 TARGET_ACC = 0.99
 CLASSIC_EPOCHS = 14  # the example's default --epochs: the cap when 99.0% is never reached
-SWEEP_TRIALS = 4     # per mode: two batches of the 2-worker sweep
+SWEEP_TRIALS = 8     # per mode: 6 of them (not the first, not the last) give the per-trial overhead
 TRACKING_REPEATS = 3  # per store, after one warm-up (the first model export imports torch.export)
 PRUNERS = ("none", "median", "hyperband")
+# The throughput and shared-store sweeps: trials of one short, fixed size (a 1-epoch default
+# run), so that trials/min and per-trial overhead compare; the sweeper searches the rest of its space.
+SWEEP_PINS = ("model=shallow", "model.channels=16", "epochs=1", "augment=none")
 PRUNE_TRIALS = 10    # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2     # a trial's length: pruning can save most of it
 AUGMENTS = ("none", "shift", "affine")
@@ -130,7 +134,7 @@ ROWS = (             # every table row, in order (the smoke test checks them)
     "mnist_sweep: time to 99.0%",
     "time to 99.0%, mnist_sweep / classic",
     "import torch alone",
-    "import mnist_sweep.__main__ alone",
+    "python -m mnist_sweep --help",
     "mnist_sweep process, per run",
     "mnist_sweep process, first run on a fresh store",
     "bare training loop (fit), per run",
@@ -319,12 +323,6 @@ def augment_text(run: dict) -> tuple[str, str, str]:
             f"test acc after it {100 * run['acc']:.2f}%")
 
 
-def time_import(module: str) -> float:
-    """Seconds for a fresh interpreter to import ``module`` and exit."""
-    _, _, seconds = run_process(["-c", f"import {module}"], f"import {module}")
-    return seconds
-
-
 def profile_run(overrides: list[str], profile: Path) -> dict[str, float]:
     """``python -m mnist_sweep`` under cProfile: seconds (profiled) per phase of its overhead, and
     of the details inside them; ``"total"``: the profiled overhead, training loop left out."""
@@ -380,7 +378,7 @@ def time_sweep(workers: int, n_trials: int, study: str, out: Path, overrides: li
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"optuna\.")
     storage = f"sqlite:///{out / 'optuna.db'}"
     parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"] if workers == 2 else []
-    cmd = ["-m", "mnist_sweep", "-m", "model=shallow", f"threads={2 // workers}", *parallel,
+    cmd = ["-m", "mnist_sweep", "-m", *SWEEP_PINS, f"threads={2 // workers}", *parallel,
            "hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.study_name={study}",
            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={out / 'sweeps' / study}", *overrides]
     _, _, seconds = run_process(cmd, f"the {workers}-worker sweep")
@@ -398,7 +396,7 @@ def time_shared_sweep(workers: int, n_trials: int, study: str, out: Path, overri
 
     from mnist_sweep.config import PROJECT_ROOT
 
-    cmd = [sys.executable, "-m", "mnist_sweep", "-m", "stores=server", "model=shallow", f"threads={2 // workers}",
+    cmd = [sys.executable, "-m", "mnist_sweep", "-m", "stores=server", *SWEEP_PINS, f"threads={2 // workers}",
            "hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={n_trials // workers}",
            f"hydra.sweeper.study_name={study}", *overrides]
     spawned = time.monotonic()
@@ -616,7 +614,7 @@ def overhead_rows(imports: dict[str, list[float]], ours: list, fresh: list, bare
                 for kind, runs in (("existing", ours), ("fresh", fresh))}
     rows = [
         (seconds_text(imports["torch"]), "", "python -c 'import torch', spawn to exit: the floor"),
-        (seconds_text(imports["main"]), "", "every module a run imports before Hydra starts"),
+        (seconds_text(imports["main"]), "", "spawn to exit: every module a run imports, Hydra's config; no run"),
         (seconds_text([r["process_s"] for r in ours]), "", "spawn to exit, existing store: imports, Hydra, data, "
                                                           "MLflow, model"),
         (seconds_text([r["process_s"] for r in fresh]), "", "spawn to exit, a new sqlite store each time"),
@@ -741,8 +739,8 @@ def main(argv: list[str] | None = None) -> int:
         uri, fresh_overrides = fresh_store(out / "fresh" / f"{stamp}-{i}")
         fresh.append(time_mnist_sweep([f"hydra.run.dir={out / 'runs' / f'{stamp}-{i}-fresh'}", *fresh_overrides,
                                        *args.overrides], uri, cfg.mlflow.experiment))
-        imports["torch"].append(time_import("torch"))
-        imports["main"].append(time_import("mnist_sweep.__main__"))
+        imports["torch"].append(run_process(["-c", "import torch"], "import torch")[2])
+        imports["main"].append(run_process(["-m", "mnist_sweep", "--help"], "python -m mnist_sweep --help")[2])
     print("bench: python -m mnist_sweep under cProfile, existing and fresh store", file=sys.stderr, flush=True)
     profiles = {
         "existing": profile_run([f"hydra.run.dir={out / 'runs' / f'{stamp}-profile'}", *overrides],
