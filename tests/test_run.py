@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import mlflow
@@ -16,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 from conftest import run_cli
 from mnist_sweep import data, tensors, tracking
 from mnist_sweep.__main__ import main
-from mnist_sweep.config import CONF_DIR
+from mnist_sweep.config import CONF_DIR, PROJECT_ROOT
 from mnist_sweep.model import ConvNet
 
 
@@ -123,6 +125,30 @@ def test_a_validation_split_is_scored_each_epoch_and_is_what_the_run_returns(ove
     carved = {info.name: info.digest for info in data.datasets(root, md5, val_size=64, split_seed=0)}
     assert digests == carved
     assert digests["mnist-train"] != data.datasets(root, md5)[0].digest
+
+
+def test_a_run_process_freezes_its_imports_and_still_collects_while_it_trains(overrides, tmp_path):
+    """``python -m mnist_sweep`` keeps the collector off its imports (walking them cost seconds) but
+    on while it runs: a sweep's trials share one process, and their garbage must not pile up."""
+    watch_fit = (
+        "import gc, runpy, sys\n"
+        "from mnist_sweep import train\n"
+        "fit = train.fit\n"
+        "def watched(*args, **kwargs):\n"
+        "    print('collector', gc.isenabled(), gc.get_freeze_count(), flush=True)\n"
+        "    return fit(*args, **kwargs)\n"
+        "train.fit = watched\n"
+        "sys.argv = ['mnist_sweep', *sys.argv[1:]]\n"
+        "runpy.run_module('mnist_sweep', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", watch_fit, *overrides, "mlflow.model_format=null"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("collector")]
+    _, enabled, frozen = line.split()
+    assert enabled == "True"
+    assert int(frozen) > 300_000  # torch, MLflow, Hydra and torch._dynamo: every import the run made
+    assert only_run(store(tmp_path)).info.status == "FINISHED"
 
 
 def test_a_validation_split_as_big_as_the_training_set_is_one_line(overrides, tmp_path):
