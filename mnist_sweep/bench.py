@@ -31,7 +31,7 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    when the sweeper asked for it) to the next trial's, minus its training and evaluation (the run's
    ``epoch_seconds`` and ``eval_seconds`` metrics); the first trial (it pays the process's one-time
    costs) and the last (no next start) are left out.
-   Target: <= 0.3 s. ``--overhead`` runs only these measurements (~4 min).
+   Target: <= 0.3 s. ``--overhead`` runs only these measurements (~5 min).
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (8 trials of one size,
    ``SWEEP_PINS``: a 1-epoch default run; no pruner; spawn to exit), first 1 worker x 2 threads,
    then joblib with 2 workers x 1 thread.
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="smoke test: 1 repeat, 1 classic epoch, 2 trials per sweep (proves it runs, not speed)")
     parser.add_argument("--overhead", action="store_true",
                         help="only the framework's overhead: imports, runs on an existing and a fresh store, their "
-                             "profiles, the bare loop, per-trial overhead in a 1-worker sweep (~4 min)")
+                             "profiles, the bare loop, per-trial overhead in a 1-worker sweep (~5 min)")
     parser.add_argument("--search", action="store_true",
                         help="only the search targets: the default -m for 10 minutes, hydra/sweeper=long, and "
                              "hydra/sweeper=long with data.val_size=5000 (~2 h on 2 CPU cores)")
