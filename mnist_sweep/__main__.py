@@ -8,7 +8,7 @@ if __name__ == "__main__":
     # A run's process imports ~350,000 objects (torch, MLflow with pandas and SQLAlchemy, Hydra)
     # that live until it exits. Python's cyclic collector would walk them all at each full
     # collection while they import, and again at exit (1.7 s from a run's last log line to the
-    # process's end): ~2.4 s of a default run's overhead, measured. So nothing collects until they
+    # process's end): ~2.5 s of a default run's overhead, measured. So nothing collects until they
     # are imported and frozen, at the bottom of this file.
     gc.disable()
 

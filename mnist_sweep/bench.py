@@ -21,9 +21,9 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    overhead), on the bench's existing store (made untimed at setup) and for a first run on a fresh
    store (a new sqlite file each repeat: MLflow creates its schema). Beside it, the bare loop on the
    same config, run in this process (tensors.load, ConvNet, optimizer, scheduler built untimed, then
-   ``train.fit`` timed: train + test), and the process time less it. Its floor: ``python -c "import torch"``, spawn
-   to exit; next to it ``python -m mnist_sweep --help``: every import a run makes and Hydra's
-   config, no run. Targets: overhead <= import torch + 1.5 s (existing store), + 3 s (fresh store).
+   ``train.fit`` timed: train + test), and the process time less it. Its floor: ``python -c "import
+   torch"``, spawn to exit; next to it ``python -m mnist_sweep --help``: every import a run makes and
+   Hydra's config, no run. Targets: overhead <= import torch + 1.5 s (existing store), + 3 s (fresh store).
    Where it goes: one more run of each kind under cProfile (``python -m cProfile -m mnist_sweep``),
    split into the phases of ``PHASES`` by the cumulative time of the functions that make each (the
    training loop itself, ``train.fit`` less its MLflow records, is left out). cProfile inflates
@@ -618,7 +618,8 @@ def overhead_rows(imports: dict[str, list[float]], ours: list, fresh: list, bare
     fit_s = statistics.median(r["fit_s"] for r in bare)
     # each run less its own training and evaluation: an epoch's time varies by a second or two
     # between processes here, and the difference of two medians would carry that into the overhead
-    overheads = {kind: [r["process_s"] - r["fit_s"] for r in runs] for kind, runs in (("existing", ours), ("fresh", fresh))}
+    overheads = {kind: [r["process_s"] - r["fit_s"] for r in runs]
+                 for kind, runs in (("existing", ours), ("fresh", fresh))}
     overhead = {kind: statistics.median(values) for kind, values in overheads.items()}
     rows = [
         (seconds_text(imports["torch"]), "", "python -c 'import torch', spawn to exit: the floor"),
