@@ -34,19 +34,19 @@ bench: $(STAMP)  ## time to 99.0% vs the classic PyTorch recipe, overhead, sweep
 	$(PY) -m mnist_sweep.bench $(if $(QUICK),--quick) $(ARGS)
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000; prints the link to the runs table (ARGS=paths.outputs=DIR)
-	$(PY) -m mnist_sweep.servers ui $(ARGS)
+	$(PY) -m mnist_sweep.viewers ui $(ARGS)
 
 dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1:8080: the sweep's study, live while it runs
-	$(PY) -m mnist_sweep.servers dashboard $(ARGS)
+	$(PY) -m mnist_sweep.viewers dashboard $(ARGS)
 
 serve: $(STAMP)  ## serve a model on 127.0.0.1:5001, if it exists (MODEL=runs:/<run id>/model PORT=5002)
-	$(PY) -m mnist_sweep.servers model model_uri=$(MODEL) port=$(PORT) $(ARGS)
+	$(PY) -m mnist_sweep.viewers model model_uri=$(MODEL) port=$(PORT) $(ARGS)
 
 services: $(STAMP)  ## start PostgreSQL and an MLflow tracking server on 127.0.0.1 (data in outputs/services); prints the exports
-	$(PY) -m mnist_sweep.services start $(ARGS)
+	$(PY) -m mnist_sweep.stack start $(ARGS)
 
 services-stop: $(STAMP)  ## stop what make services started
-	$(PY) -m mnist_sweep.services stop $(ARGS)
+	$(PY) -m mnist_sweep.stack stop $(ARGS)
 
 screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
 	$(PY) docs/screenshots.py $(ARGS)

@@ -80,7 +80,7 @@ class StudySweeperConfig(OptunaSweeperConf):
     """hydra-optuna-sweeper's config keys, plus what a study shared by many workers needs
     (the values and their comments are in conf/hydra/sweeper/search.yaml)."""
 
-    _target_: str = "hydra_plugins.mnist_sweep.StudySweeper"
+    _target_: str = "hydra_plugins.mnist_sweep.sweeper.StudySweeper"
     tracker: Any = None
     pruner: Any = None
     heartbeat_interval: Optional[int] = None
@@ -150,6 +150,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
     ("mlflow.log_models", lambda v: v in ("best", "all"), "best or all"),
 ]
+# Checks across keys, as (what is allowed, the test on the whole config): also listed by --help.
+CROSS_RULES: list[tuple[str, Callable[[DictConfig], bool]]] = [
+    ("optim.nesterov=true needs optim.momentum > 0", lambda cfg: not (cfg.optim.get("nesterov") and not cfg.optim.momentum)),
+    ("optuna.study and optuna.trial are set together (the study sweeper sets both)",
+     lambda cfg: (cfg.optuna.study is None) == (cfg.optuna.trial is None)),
+]
 _ABSENT = object()
 
 
@@ -159,10 +165,15 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value):
             raise ConfigError(f"{key} must be {allowed}, got {'null' if value is None else repr(value)}")
-    if cfg.optim.get("nesterov") and not cfg.optim.momentum:
-        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
-    if (cfg.optuna.study is None) != (cfg.optuna.trial is None):
-        raise ConfigError("optuna.study and optuna.trial are set together (the study sweeper sets both)")
+    for allowed, ok in CROSS_RULES:
+        if not ok(cfg):
+            raise ConfigError(allowed)
+
+
+def describe_rules() -> str:
+    """Every rule, a line each: what ``--help`` prints (conf/config.yaml's help footer)."""
+    width = max(len(key) for key, _, _ in RULES)
+    return "\n".join([*(f"{key:<{width}}  {allowed}" for key, _, allowed in RULES), *(line for line, _ in CROSS_RULES)])
 
 
 def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
@@ -190,3 +201,7 @@ def split_args(argv: list[str], keys: tuple[str, ...]) -> tuple[dict[str, list[s
         else:
             overrides.append(arg)
     return values, overrides
+
+
+if not OmegaConf.has_resolver("config_rules"):  # Hydra's help is a string.Template: $ is escaped
+    OmegaConf.register_new_resolver("config_rules", lambda: describe_rules().replace("$", "$$"))

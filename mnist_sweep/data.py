@@ -372,15 +372,13 @@ def main(argv: list[str]) -> int:
     """``python -m mnist_sweep.data [data.root=DIR]``: the same root override as training."""
     from mnist_sweep.config import compose
 
-    try:
-        cfg = compose(argv)
-        print(f"data: preparing MNIST in {raw_dir(cfg.data.root)}")
-        prepare(Path(cfg.data.root), dict(cfg.data.md5))
-    except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 1
+    cfg = compose(argv)
+    print(f"data: preparing MNIST in {raw_dir(cfg.data.root)}")
+    prepare(Path(cfg.data.root), dict(cfg.data.md5))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from mnist_sweep import cli
+
+    cli.run(main)

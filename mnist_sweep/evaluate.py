@@ -10,11 +10,11 @@ URI: ``runs:/<run_id>/model``, ``models:/mnist-cnn@champion``, ``models:/<name>/
 
 from __future__ import annotations
 
-import gc
 import sys
 
-if __name__ == "__main__":
-    gc.disable()  # until the imports are frozen: ~2 s less a command (see mnist_sweep/__main__.py)
+from mnist_sweep import cli
+
+cli.defer_collection(__name__)
 
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import mlflow
 import torch
 from torch import nn
 
-from mnist_sweep import data, stores, tensors, tracking
+from mnist_sweep import data, registry, tensors, tracking
 from mnist_sweep.config import ConfigError, compose, split_args
 
 SOURCE_RUN_TAG = "source_run_id"  # not mlflow.parentRunId: an evaluation is no part of training
@@ -86,23 +86,18 @@ def plot_confusion(counts: torch.Tensor, title: str, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args, overrides = split_args(argv, ("model_uri",))
-        if len(args["model_uri"]) != 1:
-            raise ConfigError("give one model_uri=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
-        requested = args["model_uri"][0]
-        cfg = compose(overrides)
-        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # registry URIs resolve in this store
-        model_uri, source_run_id = tracking.resolve_model(requested)
-        model = tracking.load_model(model_uri)
-        # CPU: a pt2 model stays on the device it was exported from, which tracking makes the CPU
-        tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5),
-                                   log=lambda line: print(line, file=sys.stderr))
-        _, test_set = tensors.load(tensor_file, torch.device("cpu"))
-    except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print("error: " + stores.one_line(err), file=sys.stderr)
-        return 1
+    args, overrides = split_args(argv, ("model_uri",))
+    if len(args["model_uri"]) != 1:
+        raise ConfigError("give one model_uri=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
+    requested = args["model_uri"][0]
+    cfg = compose(overrides)
+    tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # registry URIs resolve in this store
+    model_uri, source_run_id = registry.resolve_model(requested)
+    model = registry.load_model(model_uri)
+    # CPU: a pt2 model stays on the device it was exported from, which tracking makes the CPU
+    tensor_file = data.prepare(Path(cfg.data.root), dict(cfg.data.md5), log=lambda line: print(line, file=sys.stderr))
+    _, test_set = tensors.load(tensor_file, torch.device("cpu"))
 
     counts = confusion_matrix(model, test_set, cfg.data.eval_batch_size)
     metrics = accuracies(counts)
@@ -129,8 +124,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    gc.freeze()
-    gc.enable()
-    status = main(sys.argv[1:])
-    gc.freeze()  # nothing for the interpreter's last collection to walk
-    sys.exit(status)
+    cli.run(main)

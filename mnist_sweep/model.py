@@ -23,6 +23,7 @@ class ConvNet(nn.Module):
     sweep searches: a single number is one Optuna parameter, a list is not).
 
     Input: (N, 1, 28, 28) float raw pixels 0-255. Output: (N, 10) class scores (logits).
+    The arguments are trusted: ``config.RULES`` checks them before a run builds the model.
     """
 
     def __init__(
@@ -37,10 +38,6 @@ class ConvNet(nn.Module):
         super().__init__()
         if isinstance(channels, int):
             channels = [channels * 2**block for block in range(BLOCKS)]
-        if not 1 <= len(channels) <= MAX_BLOCKS:
-            raise ValueError(f"model.channels needs 1 to {MAX_BLOCKS} blocks, got {len(channels)}")
-        if kernel_size % 2 == 0:  # an even kernel would grow each map by one pixel: a different network
-            raise ValueError(f"model.kernel_size must be odd, got {kernel_size}")
         layers: list[nn.Module] = []
         width, side = 1, IMAGE_SIDE
         for out in channels:

@@ -11,11 +11,11 @@ Photos and scans are not MNIST: :func:`to_mnist` makes each one the way MNIST's 
 
 from __future__ import annotations
 
-import gc
 import sys
 
-if __name__ == "__main__":
-    gc.disable()  # until the imports are frozen: ~2 s less a command (see mnist_sweep/__main__.py)
+from mnist_sweep import cli
+
+cli.defer_collection(__name__)
 
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from mnist_sweep import stores, tracking
+from mnist_sweep import registry, tracking
 from mnist_sweep.config import ConfigError, compose, split_args
 
 SIDE = 28  # MNIST's image side
@@ -116,19 +116,15 @@ def classify(model: torch.nn.Module, pixels: np.ndarray, batch_size: int) -> tup
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args, overrides = split_args(argv, ("model_uri", "images"))
-        if len(args["model_uri"]) != 1:
-            raise ConfigError("give one model_uri=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
-        if not args["images"]:
-            raise ConfigError("give images=PATH: an image, a directory of images or a list [a.png,b.png]")
-        cfg = compose(overrides)
-        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # registry URIs resolve in this store
-        model = tracking.load_model(tracking.resolve_model(args["model_uri"][0])[0])
-    except Exception as err:  # noqa: BLE001 - one line, not a traceback, for a CLI user
-        print("error: " + stores.one_line(err), file=sys.stderr)
-        return 1
+    args, overrides = split_args(argv, ("model_uri", "images"))
+    if len(args["model_uri"]) != 1:
+        raise ConfigError("give one model_uri=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
+    if not args["images"]:
+        raise ConfigError("give images=PATH: an image, a directory of images or a list [a.png,b.png]")
+    cfg = compose(overrides)
+    tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # registry URIs resolve in this store
+    model = registry.load_model(registry.resolve_model(args["model_uri"][0])[0])
 
     paths, errors = image_paths(args["images"])
     if not paths and not errors:
@@ -150,8 +146,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    gc.freeze()
-    gc.enable()
-    status = main(sys.argv[1:])
-    gc.freeze()  # nothing for the interpreter's last collection to walk
-    sys.exit(status)
+    cli.run(main)

@@ -1,4 +1,5 @@
-"""MLflow: where runs go, what each run records, and how a run ends."""
+"""Recording runs in MLflow: where runs go, how a run is described (name, params, tags), what it
+logs, and how it ends. Finding and loading the models runs logged: :mod:`mnist_sweep.registry`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import contextlib
 import copy
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import warnings
@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from hydra.types import RunMode
 import requests
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -28,16 +29,20 @@ from mlflow.environment_variables import (
     MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
 )
 from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mnist_sweep import stores
+from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.data import DatasetInfo
 
 log = logging.getLogger(__name__)
 
-MODEL_URI_TAG = "model_uri"
+MODEL_URI_TAG = "model_uri"  # the models:/m-… a run logged: what evaluate, predict and the registry use
+STUDY_TAG = "optuna.study"  # a study trial's run: its study...
+TRIAL_TAG = "trial"  # ...and its trial number
+GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its jobs share
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
-ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 # What MLflow raises when its store does not answer: its own error, or the HTTP client's
 LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
 
@@ -131,6 +136,32 @@ class Recorder:
         except LOST as err:
             self.lost = f"{record.__name__}: {stores.one_line(err)}"
             log.error("MLflow stopped answering (%s): this run records nothing more; training goes on", self.lost)
+
+
+def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: Any) -> dict[str, Any]:
+    """The run's name, params (the resolved config) and tags (the command, overrides, commit); in a
+    sweep, its parent run. ``trial`` is the job's trial (a ``trial.NoTrial`` outside any study)."""
+    choices = {group: hydra_cfg.runtime.choices[group] for group in ("data", "model", "augment", "optim", "scheduler")}
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    tags = {
+        **source_tags("python -m mnist_sweep" + (" -m" if multirun else "")),
+        "hydra.overrides": " ".join(hydra_cfg.overrides.task),
+        "hydra.output_dir": hydra_cfg.runtime.output_dir,
+        "mlflow.source.git.commit": git_commit(PROJECT_ROOT) or "unknown",
+        "torch.threads": str(threads),  # what threads=0 (auto) became
+    }
+    parent = grid_parent(hydra_cfg.sweep.dir) if multirun else None
+    if trial.number is not None:
+        tags |= {TRIAL_TAG: str(trial.number), STUDY_TAG: trial.study_name}
+        parent = trial.parent_run_id
+    config = OmegaConf.to_container(cfg, resolve=True)
+    del config["optuna"]  # the trial's identity: tags, not params
+    return {
+        "name": f"{choices['model']}-{choices['optim']}-lr{cfg.optim.lr:.3g}-bs{cfg.data.batch_size}",
+        "params": {**choices, **flatten(config)},
+        "tags": tags,
+        "parent_run_id": parent,
+    }
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -232,90 +263,7 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
 
 
-class ModelNotFound(LookupError):
-    """A model URI that names no loadable model; the message says which and why."""
-
-
-def resolve_model(uri: str, option: str = "model_uri") -> tuple[str, str]:
-    """``runs:/<id>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
-    ``models:/m-…`` or a bare run id → (a loadable ``models:/m-…`` URI, the id of the run that logged it).
-
-    A bare run id means the model that run logged (its ``model_uri`` tag, else ``runs:/<id>/model``).
-    ``option`` is how the user passed the URI (``model_uri``, or ``MODEL`` for ``make serve``): errors
-    quote it, and a registry name or alias that does not exist yet says what to pass instead.
-    """
-    run_id = None
-    if re.fullmatch(r"[0-9a-f]{32}", uri):
-        try:
-            tags = mlflow.get_run(uri).data.tags
-        except mlflow.exceptions.MlflowException as err:
-            raise ModelNotFound(f"{option}={uri}: {err.message}") from None
-        run_id, uri = uri, tags.get(MODEL_URI_TAG, f"runs:/{uri}/model")
-    elif not uri.startswith(("runs:/", "models:/")):  # anything else MLflow would read as a local path
-        raise ModelNotFound(
-            f"{option}={uri} is not runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version> "
-            "or a 32-character run id"
-        )
-    elif found := re.match(r"runs:/([0-9a-f]{32})/model$", uri):
-        run_id = found.group(1)
-    if run_id and (weights_only := _weights_only(run_id)):  # before MLflow tries to download what is not there
-        raise ModelNotFound(f"{option}={uri}: {weights_only}")
-    try:
-        info = mlflow.models.get_model_info(uri)
-    except mlflow.exceptions.MlflowException as err:
-        registry = uri.startswith("models:/") and not uri.startswith("models:/m-")
-        raise ModelNotFound(f"{option}={uri}: {err.message}" + (_what_exists(option) if registry else "")) from None
-    return info.model_uri, info.run_id
-
-
-def _weights_only(run_id: str) -> str | None:
-    """For a run that logged its weights but no model: why, and the command that trains it again
-    with one (same config and seed, same weights on the CPU); None for any other run."""
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return None
-    if MODEL_URI_TAG in run.data.tags or "mlflow.model_format" not in run.data.params:
-        return None
-    if run.data.params["mlflow.model_format"] == "None":
-        why = "it ran with mlflow.model_format=null"
-    else:
-        why = ("it was a sweep trial that did not lead its study when it ended, and mlflow.log_models=best "
-               "exports only those (mlflow.log_models=all exports every trial's)")
-    # the trial's own overrides; a single run always logs its model in the configured format
-    overrides = [arg for arg in run.data.tags.get("hydra.overrides", "").split()
-                 if not arg.startswith(("optuna.", "mlflow.log_models=", "mlflow.model_format=null"))]
-    return (f"run {run_id} ({run.info.run_name}) logged its weights (runs:/{run_id}/weights) but no model: {why}. "
-            f"Train it again as one run to get its model: python -m mnist_sweep {' '.join(overrides)}".rstrip())
-
-
-def _what_exists(option: str) -> str:
-    """For a registered model or alias that is not there: the latest run's model, or what to run first."""
-    latest = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.{MODEL_URI_TAG} LIKE 'models:/%'",
-                                order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if not latest:
-        return ". No run in this store has logged a model yet: train one (make run) or run a sweep (make sweep)"
-    run = latest[0].info
-    return (f". A sweep registers its best run's model as the champion: run one (make sweep), or pass "
-            f"{option}=runs:/{run.run_id}/model, the latest run's model ({run.run_name})")
-
-
-def load_model(uri: str) -> nn.Module:
-    """The logged model, on the CPU: float32 (n, 1, 28, 28) raw pixels → (n, 10) logits.
-
-    Only a pt2 model loads, and only after MLflow has checked that its archive holds no pickle:
-    MLflow 3 unpickles by default (MLFLOW_ALLOW_PICKLE_DESERIALIZATION defaults to true), and a
-    pickle can run any code. The result is an exported graph already in inference mode; calling
-    ``.eval()`` on it raises.
-    """
-    previous = os.environ.get(ALLOW_PICKLE_ENV)
-    os.environ[ALLOW_PICKLE_ENV] = "false"  # read at load time, by this process only
-    try:
-        return mlflow.pytorch.load_model(uri)
-    except mlflow.exceptions.MlflowException as err:
-        raise ModelNotFound(f"{uri}: {err.message}") from None
-    finally:
-        if previous is None:
-            del os.environ[ALLOW_PICKLE_ENV]
-        else:
-            os.environ[ALLOW_PICKLE_ENV] = previous
+def grid_parent(sweep_dir: str) -> str | None:
+    """The parent run of the grid whose jobs write under ``sweep_dir``."""
+    runs = mlflow.search_runs(filter_string=f"tags.`{GRID_TAG}` = '{sweep_dir}'", output_format="list")
+    return runs[0].info.run_id if runs else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,8 +18,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-import mnist_sweep.services
-from mnist_sweep import data, sweep, tensors, tracking, train
+from mnist_sweep import data, registry, stack, tensors, tracking, train
 from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.model import ConvNet
 
@@ -99,7 +97,7 @@ def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
         tracking.log_outputs(model, None, train_set.images[:2], "pt2")
         mlflow.log_metric("test_acc", 0.5)  # what promote compares
     run = mlflow.get_run(active.info.run_id)
-    sweep.promote(MlflowClient(), run)
+    registry.promote(MlflowClient(), run)
     return SimpleNamespace(model=model, tracking_uri=tracking_uri, run_id=run.info.run_id,
                            model_uri=run.data.tags[tracking.MODEL_URI_TAG])
 
@@ -131,11 +129,11 @@ def store_without_champion(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
-def services() -> Iterator[mnist_sweep.services.Services]:
+def services() -> Iterator[stack.Stack]:
     """A real PostgreSQL and ``mlflow server`` on free loopback ports, their data in a temporary
     root, stopped at the end. Without PostgreSQL's programs: skipped, but failed under CI=true."""
     try:
-        mnist_sweep.services.postgres_bindir()
+        stack.postgres_bindir()
     except FileNotFoundError as err:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{err} (CI runs the tests against real servers)")
@@ -144,12 +142,8 @@ def services() -> Iterator[mnist_sweep.services.Services]:
     # /tmp/pytest-of-root (mode 700). 711: others may pass through to the data, not list or read.
     root = Path(tempfile.mkdtemp(prefix="mnist_sweep-services-"))
     root.chmod(0o711)
-    with socket.socket() as pg_socket, socket.socket() as mlflow_socket:
-        pg_socket.bind(("127.0.0.1", 0))
-        mlflow_socket.bind(("127.0.0.1", 0))
-        pg_port, mlflow_port = pg_socket.getsockname()[1], mlflow_socket.getsockname()[1]
     try:
-        yield mnist_sweep.services.start(root, pg_port=pg_port, mlflow_port=mlflow_port)
+        yield stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
     finally:
-        mnist_sweep.services.stop(root)
+        stack.stop(root)
         shutil.rmtree(root)

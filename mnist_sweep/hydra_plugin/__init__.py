@@ -1,9 +1,6 @@
-"""The study sweeper under a name Hydra accepts: Hydra instantiates sweepers only from the
-``hydra_plugins`` namespace, so pyproject.toml installs this folder as ``hydra_plugins.mnist_sweep``.
-The sweeper itself lives in :mod:`mnist_sweep.study`."""
+"""The study sweeper, where Hydra looks for plugins: pyproject.toml installs this folder as
+``hydra_plugins.mnist_sweep`` (Hydra instantiates sweepers only from that namespace)."""
 
-from mnist_sweep.study import StudySweeperImpl
+from hydra_plugins.mnist_sweep.sweeper import StudySweeper
 
-
-class StudySweeper(StudySweeperImpl):
-    """``hydra/sweeper=study``: hydra-optuna-sweeper with the study as the unit of a sweep."""
+__all__ = ["StudySweeper"]

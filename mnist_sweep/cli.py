@@ -1,0 +1,57 @@
+"""What every command-line tool shares: how its process starts and ends, and its one-line errors.
+
+The tools are ``python -m mnist_sweep`` and ``python -m mnist_sweep.<data|evaluate|predict|viewers|
+stack>``. Each calls :func:`defer_collection` before its imports and :func:`run` at the bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+
+def defer_collection(module: str) -> None:
+    """No cyclic garbage collection while the program ``module`` imports (only when it runs as
+    ``__main__``: importing it, as the tests do, changes nothing).
+
+    A tool's process imports hundreds of thousands of objects (torch, MLflow, Hydra) that live until
+    it exits; the collector would walk them all at each full collection, and again at exit.
+    """
+    if module == "__main__":
+        gc.disable()
+
+
+def run(tool: Callable[[list[str]], int | None]) -> NoReturn:
+    """Run ``tool(argv)`` as this process's program and exit with its status: freeze what was
+    imported (a trial's own garbage is still collected), and freeze again before the interpreter's
+    last collection. An error is one ``error:`` line and status 1; Ctrl-C is status 130."""
+    gc.freeze()
+    gc.enable()
+    try:
+        status = tool(sys.argv[1:])
+    except KeyboardInterrupt:
+        status = 130
+    except Exception as err:  # noqa: BLE001 - a user reads one line, not a traceback
+        from mnist_sweep.stores import one_line  # only now: it imports SQLAlchemy
+
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        status = 1
+    finally:
+        gc.freeze()
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Inside a Hydra job: one of ``kinds`` ends the process with its message as one ``error:``
+    line (the message says what to change), where Hydra would print a traceback."""
+    try:
+        yield
+    except kinds as err:
+        from mnist_sweep.stores import one_line
+
+        raise SystemExit(f"error: {one_line(err)}") from None
+

@@ -1,0 +1,236 @@
+"""The study sweeper (``hydra/sweeper=study``, conf/hydra/sweeper/search.yaml): hydra-optuna-sweeper
+with the study as the unit of a sweep.
+
+Every ``python -m mnist_sweep -m`` on the same storage and study name is one more worker of the
+study, on this machine or another. In batches of ``n_jobs`` it asks the study for trials, launches
+a job for each (``optuna.study=<name> optuna.trial=<number>``: the job reports to its trial itself,
+see :mod:`mnist_sweep.trial`), and records what a job could not tell its trial. Between batches it
+fails the trials of dead workers (no heartbeat) and keeps to the budgets. The sampler's seed is
+``seed + the number of this worker's first trial``: one worker replays the same search from the same
+seed, and workers starting together draw different points. Its search-space syntax and config keys
+are hydra-optuna-sweeper's, plus the ones in :class:`mnist_sweep.config.StudySweeperConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import optuna
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from mnist_sweep import stores
+from mnist_sweep.cli import one_line_errors
+from mnist_sweep.trial import Heartbeat, StudyError, open_storage, trial_id
+
+log = logging.getLogger("mnist_sweep.sweeper")
+# hydra-optuna-sweeper 1.3 still builds optuna 2's distribution classes; optuna 4 and 5 accept them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(hydra_plugins|optuna)\.")
+
+# Trials that count against the study-wide budget (max_trials): finished, or on their way.
+BUDGETED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+class Tracker(Protocol):
+    """Where a sweep's results are mirrored (MLflow): called by the sweeper, so a failure in it
+    ends the invocation with an error instead of Hydra's warning for a failed callback."""
+
+    def open(self, study: optuna.Study, created: bool) -> None: ...
+
+    def check(self, study: optuna.Study) -> None: ...  # before each batch: raise to stop the sweep
+
+    def close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None: ...
+
+
+class StudySweeper(OptunaSweeperImpl):
+    """``hydra/sweeper=study``: hydra-optuna-sweeper's sweeper, with the study as the unit of a sweep."""
+
+    def __init__(self, *, tracker: Tracker, pruner: optuna.pruners.BasePruner, heartbeat_interval: int | None,
+                 grace_period: int | None, max_retry: int, max_trials: int | None, timeout: float | None,
+                 **optuna_sweeper: Any) -> None:
+        super().__init__(**optuna_sweeper)
+        self.tracker, self.pruner = tracker, pruner
+        self.heartbeat_interval, self.grace_period, self.max_retry = heartbeat_interval, grace_period, max_retry
+        self.max_trials, self.timeout = max_trials, timeout
+        self.seeded = False  # the sampler is rebuilt with this worker's seed at its first trial
+
+    def sweep(self, arguments: list[str]) -> None:
+        with one_line_errors(StudyError, stores.StoreError):
+            if not self.storage or not self.study_name:
+                raise StudyError("a sweep needs hydra.sweeper.storage and hydra.sweeper.study_name: its jobs, and "
+                                 "other workers, reach the study through them (stores=server reads $OPTUNA_STORAGE)")
+            space, fixed = self._search_space(arguments)
+            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry)
+            study, created = open_study(storage, self.study_name, self._get_directions(), self.pruner)
+            log.info("study %s in %s (%s, pruner %s)", study.study_name, stores.redact(self.storage),
+                     "new" if created else f"{len(study.trials)} trials so far", type(self.pruner).__name__)
+            self.tracker.open(study, created)
+            results = f"{self.config.hydra.sweep.dir}/optimization_results.yaml"
+            try:
+                with ctrl_c_remembered() as interrupted:
+                    self._run_batches(study, storage, space, fixed, interrupted)
+            except BaseException:
+                close_quietly(self.tracker, study, results)
+                raise
+            save_results(study, results)
+            self.tracker.close(study, results, interrupted=False)
+
+    def _search_space(self, arguments: list[str]) -> tuple[dict, dict]:
+        """The distributions to search and the fixed overrides, as the plugin parses them."""
+        self._process_searchspace_config()
+        space, fixed = create_params_from_overrides([*self._parse_sweeper_params_config(), *arguments])
+        space = {**(self.search_space_distributions or {}), **space}
+        return {k: v for k, v in space.items() if k not in fixed}, fixed
+
+    def _run_batches(self, study: optuna.Study, storage: optuna.storages.RDBStorage, space: dict, fixed: dict,
+                     interrupted: threading.Event) -> None:
+        deadline = time.monotonic() + self.timeout if self.timeout else math.inf
+        todo = self.n_trials
+        while todo > 0:
+            if interrupted.is_set():  # a Ctrl-C that Python swallowed still stops the sweep, between trials
+                raise KeyboardInterrupt
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.9
+                optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (and re-queued)
+            self.tracker.check(study)
+            size, why_none = next_batch(todo, self.n_jobs, room(study, self.max_trials), deadline, time.monotonic())
+            if not size:
+                log.info("%s", why_none.format(max_trials=self.max_trials, timeout=self.timeout))
+                return
+            trials = [self._ask(study, space, fixed) for _ in range(size)]
+            overrides = [(*params, *handover(study.study_name, trial.number)) for trial, params in trials]
+            try:
+                with Heartbeat(storage, [trial_id(t) for t, _ in trials], self.heartbeat_interval):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except BaseException:  # Ctrl-C or a launcher crash: these trials will not finish
+                for trial, _ in trials:
+                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+            self.job_idx += len(returns)
+            record_returns(study, storage, [t for t, _ in trials], returns, self.max_failure_rate)
+            todo -= size
+
+    def _ask(self, study: optuna.Study, space: dict, fixed: dict) -> tuple[optuna.trial.Trial, tuple[str, ...]]:
+        """A new trial and its overrides. The first trial a worker asks for seeds its sampler with
+        ``seed + that trial's number``: trial numbers are unique across workers, so no two workers
+        share a seed, and a lone worker on a new study starts from ``seed`` itself."""
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for Study.optimize; this loop records them itself
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trial = study.ask()
+        if not self.seeded:
+            study.sampler = self._sampler(trial.number, space)
+            self.seeded = True
+        (params,) = self._configure_trials([trial], space, fixed)
+        return trial, params
+
+    def _sampler(self, first_trial: int, space: dict) -> optuna.samplers.BaseSampler:
+        config = self.config.hydra.sweeper.sampler
+        if config.get("_partial_"):  # the grid sampler takes the search space
+            return self.sampler({name: self._to_grid_sampler_choices(dist) for name, dist in space.items()})
+        seed = config.get("seed")
+        return instantiate(config) if seed is None else instantiate(config, seed=seed + first_trial)
+
+
+def open_study(storage: optuna.storages.RDBStorage, name: str, directions: list[str],
+               pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, bool]:
+    """The study, and whether this worker created it (exactly one worker does: the name is unique)."""
+    try:
+        return optuna.create_study(study_name=name, storage=storage, pruner=pruner, directions=directions), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
+
+
+def room(study: optuna.Study, max_trials: int | None) -> int | float:
+    """How many more trials the study-wide budget allows: ``max_trials`` less the study's finished
+    and running trials, whoever started them (unbounded without it)."""
+    if max_trials is None:
+        return math.inf
+    return max_trials - len(study.get_trials(deepcopy=False, states=BUDGETED))
+
+
+def next_batch(todo: int, n_jobs: int, room: int | float, deadline: float, now: float) -> tuple[int, str]:
+    """How many trials the next batch starts, and when none, why (a template naming the budget)."""
+    if room <= 0:
+        return 0, "the study holds hydra.sweeper.max_trials={max_trials} trials: no more to start"
+    if now >= deadline:
+        return 0, "hydra.sweeper.timeout={timeout}s reached: no more trials start"
+    return int(min(todo, n_jobs, room)), ""
+
+
+def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, trials: Sequence[optuna.trial.Trial],
+                   returns: Sequence[JobReturn], max_failure_rate: float) -> None:
+    """Tell each trial its job's result unless the job already did (the usual case: only the job
+    knows whether it was pruned); a job that crashed or returned no finite value fails its trial.
+    Past ``max_failure_rate`` of the batch, re-raise the first failed job's own exception."""
+    failures = 0
+    for trial, ret in zip(trials, returns):
+        if storage.get_trial(trial_id(trial)).state != TrialState.RUNNING:
+            pass
+        elif ret.status == JobStatus.COMPLETED and math.isfinite(float(ret.return_value)):
+            study.tell(trial.number, float(ret.return_value), skip_if_finished=True)
+        else:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        if storage.get_trial(trial_id(trial)).state == TrialState.FAIL:
+            failures += 1
+            log.warning("trial %d failed: %s", trial.number, ret._return_value)
+    if failures / len(returns) > max_failure_rate:
+        log.error("%d of %d trials failed, above hydra.sweeper.max_failure_rate=%s",
+                  failures, len(returns), max_failure_rate)
+        for ret in returns:
+            ret.return_value  # re-raises the job's own exception, with its traceback
+
+
+def save_results(study: optuna.Study, path: str) -> None:
+    """``optimization_results.yaml``, as the plugin writes it: the study's best so far."""
+    try:
+        best = study.best_trial
+    except ValueError:  # no trial has completed yet
+        results = {"name": "optuna", "best_params": {}, "best_value": None}
+    else:
+        results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+        log.info("best trial %d: %s = %s", best.number, best.params, best.value)
+    OmegaConf.save(OmegaConf.create(results), path)
+
+
+def close_quietly(tracker: Tracker, study: optuna.Study, results: str) -> None:
+    """Close the tracking of a sweep that stopped: the error that stopped it is the one to report."""
+    try:
+        tracker.close(study, results, interrupted=True)
+    except Exception as err:  # noqa: BLE001 - logged, then the stopping error goes on
+        log.error("could not close the sweep's tracking after the sweep stopped: %s", stores.one_line(err))
+
+
+@contextlib.contextmanager
+def ctrl_c_remembered() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: Python drops the exception
+    when it lands in a garbage-collector callback ("Exception ignored in ..."), which a long sweep
+    meets sooner or later, and the sweep must stop anyway."""
+    interrupted = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def handover(study_name: str, number: int) -> tuple[str, str]:
+    """The overrides that tell a job which trial it is (quoted: a study name may hold spaces)."""
+    quoted = study_name.replace("\\", "\\\\").replace("'", "\\'")
+    return f"optuna.study='{quoted}'", f"optuna.trial={number}"

@@ -1,0 +1,123 @@
+"""The task: one training run, tracked in MLflow, as ``python -m mnist_sweep`` runs it (alone, or as
+one trial of a sweep). Only this module reads the config; everything below takes plain values."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import optuna
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from mnist_sweep import data, registry, stores, tensors, tracking, train, trial
+from mnist_sweep.cli import one_line_errors
+from mnist_sweep.config import ConfigError, validate
+
+log = logging.getLogger("mnist_sweep")
+
+
+def main(cfg: DictConfig) -> float:
+    """Train, evaluate and log one run; return its objective: test accuracy, or validation accuracy
+    with ``data.val_size`` > 0 (0.0 if it diverged; its last reported accuracy if pruned)."""
+    hydra_cfg = HydraConfig.get()
+    objective = registry.selection_metric(cfg.data.val_size > 0)
+    with one_line_errors(ConfigError, train.DeviceError, data.DataError, trial.StudyError, stores.StoreError):
+        validate(cfg)
+        device = train.pick_device(cfg.device)
+        job = join_trial(cfg, hydra_cfg.sweeper, objective)
+        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+        tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
+        splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
+                             cfg.data.split_seed, cfg.pruning.check_images)
+    threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
+    torch.manual_seed(cfg.seed)
+    model, optimizer, scheduler, augment = build(cfg, device, steps=cfg.epochs * math.ceil(len(splits.train) / cfg.data.batch_size))
+    record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it
+    with job:  # heartbeats; a crash fails the trial
+        try:
+            with tracking.run(**tracking.describe_run(cfg, hydra_cfg, threads, job), pruned=(optuna.TrialPruned,)) as active:
+                job.attach_run(active.info.run_id)
+                record(tracking.log_datasets, data.datasets(Path(cfg.data.root), dict(cfg.data.md5),
+                                                            cfg.data.val_size, cfg.data.split_seed))
+                on_epoch, on_check = report_to(record, job)
+                metrics = train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs,
+                                    cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch,
+                                    checks_per_epoch=job.checks, check_set=splits.check, on_check=on_check,
+                                    val_set=splits.val, augment=augment)
+                export = cfg.mlflow.log_models == "all" or job.leads(metrics[objective])  # conf/config.yaml
+                record(tracking.log_outputs, model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
+                       splits.test.images[:2], cfg.mlflow.model_format if export else None)
+        except train.Diverged as err:
+            log.error("run diverged: %s (returning %s 0.0)", err, objective)
+            return job.complete(0.0)  # a finite worst score: the sweeper crashes on NaN
+        except optuna.TrialPruned as err:
+            log.info("%s", err)
+            return job.prune()
+    return finish(job, metrics[objective], objective, record.lost)
+
+
+def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.JobTrial | trial.NoTrial:
+    """This job's trial, as the study sweeper handed it (``optuna.study``, ``optuna.trial``); a
+    :class:`trial.NoTrial` for a single run or a plain grid's job."""
+    pruner = instantiate(sweeper.pruner) if cfg.optuna.trial is not None else None
+    return trial.join(cfg.optuna.study, cfg.optuna.trial, sweeper.get("storage"), pruner,
+                      sweeper.get("heartbeat_interval"), objective, cfg.epochs, cfg.pruning.checks_per_epoch)
+
+
+def build(cfg: DictConfig, device: torch.device, steps: int):
+    """Model, optimizer, schedule and augmentation from their config groups: the one place objects
+    are built (the bench builds through it too)."""
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optim)(model.parameters())
+    return model, optimizer, instantiate(cfg.scheduler)(optimizer, total_steps=steps), instantiate(cfg.augment)
+
+
+class Splits(NamedTuple):
+    train: tensors.Split  # less the validation images
+    val: tensors.Split | None  # None without a validation split
+    test: tensors.Split
+    check: tensors.Split  # what the checks inside an epoch score: the first images of the selection set
+
+
+def load_splits(root: Path, md5: dict[str, str], device: torch.device, val_size: int, split_seed: int,
+                check_images: int) -> Splits:
+    """The verified digits on ``device``, with ``val_size`` training images held out for validation."""
+    train_set, test_set = tensors.load(data.prepare(root, md5, log=log.info), device)
+    try:
+        train_set, val_set = tensors.holdout(train_set, val_size, split_seed)
+    except ValueError as err:  # a split larger than the training set
+        raise ConfigError(str(err)) from None
+    selection = test_set if val_set is None else val_set  # with a validation split, test images never choose
+    check = tensors.Split(selection.images[:check_images], selection.labels[:check_images])
+    return Splits(train_set, val_set, test_set, check)
+
+
+def report_to(record: tracking.Recorder, job: trial.JobTrial | trial.NoTrial) -> tuple[
+        train.EpochCallback, train.CheckCallback]:
+    """Training's callbacks: each epoch's metrics and each check's accuracy go to MLflow, then to
+    the trial (whose pruner may stop the run)."""
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        record(tracking.log_epoch, epoch, metrics)
+        job.report_epoch(epoch, metrics)
+
+    def on_check(step: int, accuracy: float) -> None:
+        record(tracking.log_check, step, accuracy)
+        job.report_check(step, accuracy)
+
+    return on_epoch, on_check
+
+
+def finish(job: trial.JobTrial | trial.NoTrial, value: float, objective: str, lost: str | None) -> float:
+    """Tell the trial its result. If MLflow stopped answering mid-run, the run's record is
+    incomplete: say so, and fail (the result is in the study all the same)."""
+    value = job.complete(value)
+    if lost:
+        held = f", which trial {job.number} holds in the study" if job.number is not None else ""
+        raise SystemExit(f"error: MLflow stopped answering during the run ({lost}); it trained to {objective} "
+                         f"{value:.4f}{held}, but its MLflow run is incomplete")
+    return value

@@ -1,0 +1,205 @@
+"""A job's side of its study trial: which trial it is, what it reports, whether it should stop,
+how it ends.
+
+The study, not one invocation, is the unit of a sweep (the sweeper: ``hydra_plugins.mnist_sweep``).
+The sweeper asks the study for a trial and launches a job with ``optuna.study=<name>
+optuna.trial=<number>``; the job opens the study through its storage (``hydra.sweeper.storage``, in
+its Hydra config), reports to the trial, and tells the trial its result itself. While a trial runs,
+its process and its sweeper record heartbeats, so a live worker can fail the trials of dead ones.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable
+from types import TracebackType
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+from mnist_sweep import stores
+
+RUN_ID_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run that trained it
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
+
+
+class StudyError(RuntimeError):
+    """The study or trial a job was handed cannot be used; the message says why."""
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 max_retry: int = 0) -> optuna.storages.RDBStorage:
+    """The study's database. With ``heartbeat_interval``, a trial whose heartbeat is older than
+    ``grace_period`` seconds is failed by the next worker, and re-queued up to ``max_retry`` times."""
+    with stores.lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since 2.9
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=stores.engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=(
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry) if max_retry else None
+                ),
+            )
+        except sqlalchemy.exc.OperationalError as err:
+            raise stores.StoreError(f"cannot reach the study's database {stores.redact(url)}: "
+                                    f"{stores.one_line(err.orig)}") from None
+
+
+def trial_id(trial: optuna.trial.BaseTrial) -> int:
+    # Optuna keeps a trial's storage id private; heartbeats and storage reads are keyed by it.
+    return trial._trial_id  # type: ignore[attr-defined]
+
+
+class Heartbeat:
+    """Records a heartbeat for ``trials`` every ``interval`` seconds while the block runs
+    (Optuna's own heartbeat thread only runs inside ``Study.optimize``). No interval: no thread."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_ids: Iterable[int], interval: int | None):
+        self.storage, self.trial_ids, self.interval = storage, list(trial_ids), interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            for trial in self.trial_ids:
+                self.storage.record_heartbeat(trial)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.interval:
+            self.stop.set()
+            self.thread.join()
+
+
+class JobTrial:
+    """One job's handle on its trial: what it reports, whether it should stop, how it ended.
+
+    Used as a context manager around training: heartbeats while inside; an exception that
+    escapes fails the trial (a pruned or finished trial stays as it is).
+
+    The pruner's step is the percent of its training a trial has done: trials of 2 and 8 epochs
+    meet at 25%, 50%, ..., each at the same point of its learning-rate schedule (at "epoch 1" an
+    8-epoch trial still warming up would lose to a 2-epoch trial at its peak, and be pruned).
+    """
+
+    def __init__(self, study: optuna.Study, number: int, storage: optuna.storages.RDBStorage,
+                 heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int):
+        found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not found:
+            raise StudyError(f"study {study.study_name!r} has no trial {number}")
+        if found[0].state != TrialState.RUNNING:
+            raise StudyError(f"trial {number} of study {study.study_name!r} is already {found[0].state.name}")
+        self.study, self.number, self.study_name = study, number, study.study_name
+        self.trial = optuna.trial.Trial(study, trial_id(found[0]))
+        self.heartbeat = Heartbeat(storage, [trial_id(found[0])], heartbeat_interval)
+        self.objective, self.epochs = objective, epochs
+        # intermediate checks only feed a pruner: without one they would cost time for nothing
+        self.checks = 0 if isinstance(study.pruner, optuna.pruners.NopPruner) else checks_per_epoch
+        self.last_value: float | None = None
+
+    def __enter__(self) -> JobTrial:
+        self.heartbeat.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.heartbeat.__exit__()
+        if kind is not None and not issubclass(kind, optuna.TrialPruned):
+            self.study.tell(self.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The study's MLflow parent run, which this trial's run nests under."""
+        return self.study.user_attrs.get(PARENT_ATTR)
+
+    def attach_run(self, run_id: str) -> None:
+        """Record the trial's MLflow run on it: the study's way back to MLflow."""
+        self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+    def report_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Report an epoch's objective; raises :class:`optuna.TrialPruned` if the pruner says stop."""
+        self._report(epoch * (self.checks + 1), metrics[self.objective])
+
+    def report_check(self, step: int, accuracy: float) -> None:
+        """Report a check inside an epoch (``step`` counts checks and epoch ends alike, as train.fit does)."""
+        self._report(step, accuracy)
+
+    def _report(self, step: int, value: float) -> None:
+        percent = round(100 * step / (self.epochs * (self.checks + 1)))
+        self.trial.report(value, percent)
+        self.last_value = value
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.number} pruned at {percent}% of its training ({value:.4f})")
+
+    def leads(self, value: float) -> bool:
+        """Whether ``value`` is at least as good as every completed trial's (true before any): such a
+        trial may end as the study's best, so it needs a model the registry can serve."""
+        try:
+            best = self.study.best_value
+        except ValueError:  # no trial has completed yet
+            return True
+        return value >= best if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
+
+    def complete(self, value: float) -> float:
+        self.study.tell(self.number, value, skip_if_finished=True)
+        return value
+
+    def prune(self) -> float:
+        """End the trial PRUNED; returns its last reported value (what Optuna records for it)."""
+        self.study.tell(self.number, state=TrialState.PRUNED, skip_if_finished=True)
+        return self.last_value if self.last_value is not None else 0.0
+
+
+class NoTrial:
+    """A run that is no study trial (a single run, a plain grid's job): the same interface as
+    :class:`JobTrial`, with nothing to report to and nothing to stop it."""
+
+    number = study_name = parent_run_id = None
+    checks = 0
+
+    def __enter__(self) -> NoTrial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def attach_run(self, run_id: str) -> None:
+        pass
+
+    def report_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def report_check(self, step: int, accuracy: float) -> None:
+        pass
+
+    def leads(self, value: float) -> bool:
+        return True  # a run of its own always keeps its model
+
+    def complete(self, value: float) -> float:
+        return value
+
+
+def join(study_name: str | None, number: int | None, storage_url: str | None, pruner: optuna.pruners.BasePruner,
+         heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int) -> JobTrial | NoTrial:
+    """The job's handle on trial ``number`` of ``study_name``, as its sweeper handed it (both None:
+    no study trial)."""
+    if number is None:
+        return NoTrial()
+    if not storage_url:
+        raise StudyError("a study trial needs hydra.sweeper.storage: jobs reach the study through it")
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+    except KeyError:
+        raise StudyError(f"no study {study_name!r} in {stores.redact(storage_url)}") from None
+    return JobTrial(study, number, storage, heartbeat_interval, objective, epochs, checks_per_epoch)

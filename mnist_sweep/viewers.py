@@ -1,0 +1,102 @@
+"""``python -m mnist_sweep.viewers ui|dashboard|model [model_uri=URI] [port=N] [overrides]``: the
+viewers behind ``make ui``, ``make dashboard`` and ``make serve`` (the MLflow UI, optuna-dashboard,
+the model server).
+
+Each reads its store from the config (so ``paths.outputs=…`` and the other overrides reach it),
+says in one line where to look or what is missing, then becomes the server, on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from mnist_sweep import cli
+from mnist_sweep.config import ConfigError, compose, split_args
+
+HOST = "127.0.0.1"  # this machine only: none of these servers has authentication
+PORTS = {"ui": 5000, "dashboard": 8080, "model": 5001}  # the model server steps off MLflow's 5000, the UI's
+
+
+def runs_link(tracking_uri: str, experiment: str, port: int) -> str | None:
+    """The experiment's runs table in the MLflow UI, or None if no run has created the experiment yet.
+
+    ``workflowType=machine_learning`` opens the Model-training view: without it MLflow 3 lands on
+    its GenAI overview of traces, which this project has none of.
+    """
+    from mlflow import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    return f"http://{HOST}:{port}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
+
+
+def study_link(storage: str, study_name: str, port: int) -> str | None:
+    """The study's page in optuna-dashboard, or None if no sweep has created the study yet."""
+    import optuna
+
+    try:
+        study_id = optuna.storages.get_storage(storage).get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return f"http://{HOST}:{port}/dashboard/studies/{study_id}"
+
+
+def ui(tracking_uri: str, experiment: str, port: int) -> None:
+    link = runs_link(tracking_uri, experiment, port)
+    print(f"MLflow UI, the {experiment} runs: {link}" if link else
+          f"MLflow UI on http://{HOST}:{port}: no experiment {experiment} yet (make run creates it; then reload)")
+    sys.stdout.flush()  # before exec replaces this process
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+                              "--host", HOST, "--port", str(port)])
+
+
+def dashboard(storage: str, study_name: str, port: int) -> None:
+    from optuna_dashboard import run_server
+
+    link = study_link(storage, study_name, port)
+    print(f"optuna-dashboard, study {study_name}: {link}" if link else
+          f"optuna-dashboard on http://{HOST}:{port}: no study {study_name} yet (make sweep creates it)")
+    run_server(storage, host=HOST, port=port)
+
+
+def model(tracking_uri: str, uri: str, port: int) -> None:
+    """Serve the model ``uri`` names, after checking that it exists: a missing champion is then one
+    line saying what to pass instead, not the model server's traceback."""
+    import mlflow
+
+    from mnist_sweep import registry
+
+    mlflow.set_tracking_uri(tracking_uri)  # registry URIs resolve in this store
+    model_uri, run_id = registry.resolve_model(uri, option="MODEL")
+    print(f"serving {uri} ({model_uri}, logged by run {run_id}) on http://{HOST}:{port}/invocations")
+    sys.stdout.flush()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # mlflow starts uvicorn by name
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
+    os.execve(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                               "--env-manager", "local", "--host", HOST, "--port", str(port)], env)
+
+
+def main(argv: list[str]) -> int:
+    """Ctrl-C is how the dashboard stops (status 130); the other two exec their server."""
+    server = argv[0] if argv else ""
+    if server not in PORTS:
+        raise ConfigError(f"name a server: {', '.join(PORTS)} (got {server!r})")
+    args, overrides = split_args(argv[1:], ("model_uri", "port"))
+    port = int(args["port"][-1]) if args["port"] else PORTS[server]
+    cfg = compose(overrides, with_hydra=server == "dashboard")
+    if server == "ui":
+        ui(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, port)
+    elif server == "dashboard":
+        dashboard(cfg.hydra.sweeper.storage, cfg.hydra.sweeper.study_name, port)
+    else:
+        if len(args["model_uri"]) != 1:
+            raise ConfigError("give one MODEL=URI: runs:/<run_id>/model, models:/mnist-cnn@champion or a run id")
+        model(cfg.mlflow.tracking_uri, args["model_uri"][0], port)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
