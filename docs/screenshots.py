@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
         store = sweep(outputs, args.trials, args.overrides)
         port = free_port()
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # no phoning home from the UI either
-        ui = subprocess.Popen([sys.executable, "-m", "mnist_sweep.servers", "ui", f"paths.outputs={outputs}",
+        ui = subprocess.Popen([sys.executable, "-m", "mnist_sweep.viewers", "ui", f"paths.outputs={outputs}",
                                f"port={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, start_new_session=True)
         try:

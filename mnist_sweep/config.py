@@ -150,11 +150,13 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
     ("mlflow.log_models", lambda v: v in ("best", "all"), "best or all"),
 ]
-# Checks across keys, as (what is allowed, the test on the whole config): also listed by --help.
-CROSS_RULES: list[tuple[str, Callable[[DictConfig], bool]]] = [
-    ("optim.nesterov=true needs optim.momentum > 0", lambda cfg: not (cfg.optim.get("nesterov") and not cfg.optim.momentum)),
-    ("optuna.study and optuna.trial are set together (the study sweeper sets both)",
-     lambda cfg: (cfg.optuna.study is None) == (cfg.optuna.trial is None)),
+# Checks across keys, as (the key whose value is reported, the test on the whole config, what is
+# allowed): --help lists them after RULES.
+CROSS_RULES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
+    ("optim.momentum", lambda cfg: not (cfg.optim.get("nesterov") and not cfg.optim.momentum),
+     "optim.nesterov=true needs optim.momentum > 0"),
+    ("optuna.trial", lambda cfg: (cfg.optuna.study is None) == (cfg.optuna.trial is None),
+     "optuna.study and optuna.trial are set together (the study sweeper sets both)"),
 ]
 _ABSENT = object()
 
@@ -165,15 +167,16 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value):
             raise ConfigError(f"{key} must be {allowed}, got {'null' if value is None else repr(value)}")
-    for allowed, ok in CROSS_RULES:
+    for key, ok, allowed in CROSS_RULES:
         if not ok(cfg):
-            raise ConfigError(allowed)
+            raise ConfigError(f"{allowed}, got {key}={OmegaConf.select(cfg, key)}")
 
 
 def describe_rules() -> str:
     """Every rule, a line each: what ``--help`` prints (conf/config.yaml's help footer)."""
     width = max(len(key) for key, _, _ in RULES)
-    return "\n".join([*(f"{key:<{width}}  {allowed}" for key, _, allowed in RULES), *(line for line, _ in CROSS_RULES)])
+    lines = [f"{key:<{width}}  {allowed}" for key, _, allowed in RULES]
+    return "\n".join(lines + [allowed for _, _, allowed in CROSS_RULES])
 
 
 def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:

@@ -35,15 +35,14 @@ def main(cfg: DictConfig) -> float:
         splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
                              cfg.data.split_seed, cfg.pruning.check_images)
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
-    torch.manual_seed(cfg.seed)
-    model, optimizer, scheduler, augment = build(cfg, device, steps=cfg.epochs * math.ceil(len(splits.train) / cfg.data.batch_size))
+    model, optimizer, scheduler, augment = build(cfg, device, len(splits.train))
     record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it
     with job:  # heartbeats; a crash fails the trial
         try:
-            with tracking.run(**tracking.describe_run(cfg, hydra_cfg, threads, job), pruned=(optuna.TrialPruned,)) as active:
+            description = tracking.describe_run(cfg, hydra_cfg, threads, job)
+            with tracking.run(**description, pruned=(optuna.TrialPruned,)) as active:
                 job.attach_run(active.info.run_id)
-                record(tracking.log_datasets, data.datasets(Path(cfg.data.root), dict(cfg.data.md5),
-                                                            cfg.data.val_size, cfg.data.split_seed))
+                record(tracking.log_datasets, splits.datasets)
                 on_epoch, on_check = report_to(record, job)
                 metrics = train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs,
                                     cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch,
@@ -69,9 +68,11 @@ def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.Jo
                       sweeper.get("heartbeat_interval"), objective, cfg.epochs, cfg.pruning.checks_per_epoch)
 
 
-def build(cfg: DictConfig, device: torch.device, steps: int):
-    """Model, optimizer, schedule and augmentation from their config groups: the one place objects
-    are built (the bench builds through it too)."""
+def build(cfg: DictConfig, device: torch.device, train_images: int):
+    """Model (its weights seeded by ``seed``), optimizer, schedule over every step of the run, and
+    augmentation, from their config groups: the one place objects are built (the bench too)."""
+    torch.manual_seed(cfg.seed)
+    steps = cfg.epochs * math.ceil(train_images / cfg.data.batch_size)
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optim)(model.parameters())
     return model, optimizer, instantiate(cfg.scheduler)(optimizer, total_steps=steps), instantiate(cfg.augment)
@@ -82,11 +83,13 @@ class Splits(NamedTuple):
     val: tensors.Split | None  # None without a validation split
     test: tensors.Split
     check: tensors.Split  # what the checks inside an epoch score: the first images of the selection set
+    datasets: list[data.DatasetInfo]  # what the run records it trained, chose and was tested on
 
 
 def load_splits(root: Path, md5: dict[str, str], device: torch.device, val_size: int, split_seed: int,
                 check_images: int) -> Splits:
-    """The verified digits on ``device``, with ``val_size`` training images held out for validation."""
+    """The verified digits on ``device``, with ``val_size`` training images held out for validation
+    (drawn with ``split_seed``), and ``check_images`` of the selection set for checks."""
     train_set, test_set = tensors.load(data.prepare(root, md5, log=log.info), device)
     try:
         train_set, val_set = tensors.holdout(train_set, val_size, split_seed)
@@ -94,7 +97,7 @@ def load_splits(root: Path, md5: dict[str, str], device: torch.device, val_size:
         raise ConfigError(str(err)) from None
     selection = test_set if val_set is None else val_set  # with a validation split, test images never choose
     check = tensors.Split(selection.images[:check_images], selection.labels[:check_images])
-    return Splits(train_set, val_set, test_set, check)
+    return Splits(train_set, val_set, test_set, check, data.datasets(root, md5, val_size, split_seed))
 
 
 def report_to(record: tracking.Recorder, job: trial.JobTrial | trial.NoTrial) -> tuple[

@@ -16,11 +16,21 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from mnist_sweep import data, registry, stack, tensors, tracking, train
-from mnist_sweep.config import PROJECT_ROOT
+from mnist_sweep.config import CONF_DIR, PROJECT_ROOT
 from mnist_sweep.model import ConvNet
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +78,16 @@ def overrides(tiny_mnist, tmp_path) -> list[str]:
         "data.eval_batch_size=64",
         "device=cpu",
     ]
+
+
+def store(tmp_path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def only_run(client: MlflowClient):
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id])
+    return run
 
 
 def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

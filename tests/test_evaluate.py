@@ -1,5 +1,6 @@
+"""``python -m mnist_sweep.evaluate``: what it prints and logs is what an independent count gives."""
+
 import json
-import re
 from pathlib import Path
 
 import mlflow
@@ -8,45 +9,6 @@ import pytest
 import torch
 
 from conftest import make_digits, run_cli
-from mnist_sweep import tracking
-
-
-def test_every_uri_form_resolves_to_the_logged_model(logged_model):
-    mlflow.set_tracking_uri(logged_model.tracking_uri)
-    expected = (logged_model.model_uri, logged_model.run_id)
-    for uri in (f"runs:/{logged_model.run_id}/model", "models:/mnist-cnn@champion", "models:/mnist-cnn/1",
-                logged_model.model_uri, logged_model.run_id):
-        assert tracking.resolve_model(uri) == expected, uri
-
-
-@pytest.mark.parametrize("uri,named", [
-    ("models:/mnist-cnn@nope", "alias nope not found"),
-    ("models:/nope@champion", "name=nope not found"),
-    ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef not found"),
-    ("weights.pt", "model_uri=weights.pt is not runs:/"),
-])
-def test_an_unknown_model_is_named(logged_model, uri, named):
-    mlflow.set_tracking_uri(logged_model.tracking_uri)
-    with pytest.raises(tracking.ModelNotFound, match=re.escape(named)):
-        tracking.resolve_model(uri)
-
-
-def test_a_pickled_model_is_refused_not_unpickled(logged_model, tmp_path):
-    mlflow.set_tracking_uri(logged_model.tracking_uri)
-    with tracking.run("pickled", {}, {}):
-        tracking.log_outputs(logged_model.model, None, torch.zeros(2, 1, 28, 28), "pickle")
-        uri = mlflow.get_run(mlflow.active_run().info.run_id).data.tags[tracking.MODEL_URI_TAG]
-    with pytest.raises(tracking.ModelNotFound, match="pickle"):
-        tracking.load_model(uri)
-
-
-def test_the_loaded_model_matches_the_trained_one_on_any_batch_size(logged_model):
-    mlflow.set_tracking_uri(logged_model.tracking_uri)
-    loaded = tracking.load_model(logged_model.model_uri)
-    images = torch.from_numpy(make_digits(5, seed=9)[0]).float().unsqueeze(1)
-    with torch.inference_mode():
-        for n in (1, 5):
-            torch.testing.assert_close(loaded(images[:n]), logged_model.model(images[:n]))
 
 
 def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model, overrides, tmp_path):
@@ -85,12 +47,3 @@ def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model,
     assert Path(logged, "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = tmp_path / "outputs" / "evaluations" / evaluation.info.run_id / "confusion_matrix.png"
     assert saved.read_bytes() == Path(logged, "confusion_matrix.png").read_bytes()
-
-
-def test_evaluate_names_an_unknown_alias_in_one_line(logged_model, overrides):
-    done = run_cli("mnist_sweep.evaluate", "model_uri=models:/mnist-cnn@nope", *overrides,
-                   f"mlflow.tracking_uri={logged_model.tracking_uri}")
-    assert done.returncode == 1
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
-    assert "models:/mnist-cnn@nope" in done.stderr and "alias nope not found" in done.stderr
-    assert done.stdout == ""

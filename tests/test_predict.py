@@ -106,12 +106,3 @@ def test_predict_gives_the_models_answer_on_mnist_pixels_and_names_bad_files(log
     errors = sorted(line for line in done.stderr.splitlines() if line.startswith("error"))  # not MLflow's progress bars
     assert errors == [f"error: {folder / 'notes.png'}: not an image (or a format PIL cannot read)",
                       f"error: {tmp_path / 'missing.png'}: no such file or directory"]
-
-
-def test_predict_names_an_unknown_model_in_one_line(logged_model, overrides, tmp_path):
-    Image.fromarray(drawn(seven(), 2, (50, 40), (5, 5), dark_ink=True)).save(tmp_path / "seven.png")
-    done = run_cli("mnist_sweep.predict", "model_uri=models:/no-such-model@champion", f"images={tmp_path / 'seven.png'}",
-                   *overrides, f"mlflow.tracking_uri={logged_model.tracking_uri}")
-    assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
-    assert "no-such-model" in done.stderr

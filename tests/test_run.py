@@ -3,33 +3,20 @@
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
-import numpy as np
 import mlflow
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from mlflow import MlflowClient
 from omegaconf import OmegaConf, open_dict
 
-from conftest import run_cli
+from conftest import only_run, run_cli, store
 from mnist_sweep import data, tensors, tracking
-from mnist_sweep.__main__ import main
-from mnist_sweep.config import CONF_DIR, PROJECT_ROOT
+from mnist_sweep.config import CONF_DIR
+from mnist_sweep.run import main
 from mnist_sweep.model import ConvNet
-
-
-def store(tmp_path) -> MlflowClient:
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
-    return MlflowClient()
-
-
-def only_run(client: MlflowClient):
-    (run,) = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id])
-    return run
 
 
 def run_in_process(overrides: list[str], output_dir) -> float:
@@ -41,7 +28,7 @@ def run_in_process(overrides: list[str], output_dir) -> float:
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # Hydra hands the task its config without the hydra node
-    return main.__wrapped__(cfg)
+    return main(cfg)
 
 
 def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, tiny_mnist, tmp_path):
@@ -127,30 +114,6 @@ def test_a_validation_split_is_scored_each_epoch_and_is_what_the_run_returns(ove
     assert digests["mnist-train"] != data.datasets(root, md5)[0].digest
 
 
-def test_a_run_process_freezes_its_imports_and_still_collects_while_it_trains(overrides, tmp_path):
-    """``python -m mnist_sweep`` keeps the collector off its imports (walking them cost seconds) but
-    on while it runs: a sweep's trials share one process, and their garbage must not pile up."""
-    watch_fit = (
-        "import gc, runpy, sys\n"
-        "from mnist_sweep import train\n"
-        "fit = train.fit\n"
-        "def watched(*args, **kwargs):\n"
-        "    print('collector', gc.isenabled(), gc.get_freeze_count(), flush=True)\n"
-        "    return fit(*args, **kwargs)\n"
-        "train.fit = watched\n"
-        "sys.argv = ['mnist_sweep', *sys.argv[1:]]\n"
-        "runpy.run_module('mnist_sweep', run_name='__main__')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", watch_fit, *overrides, "mlflow.model_format=null"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (line,) = [line for line in done.stdout.splitlines() if line.startswith("collector")]
-    _, enabled, frozen = line.split()
-    assert enabled == "True"
-    assert int(frozen) > 300_000  # torch, MLflow, Hydra: every module the run imported
-    assert only_run(store(tmp_path)).info.status == "FINISHED"
-
-
 def test_a_validation_split_as_big_as_the_training_set_is_one_line(overrides, tmp_path):
     done = run_cli("mnist_sweep", *overrides, "data.val_size=320")
     assert done.returncode != 0
@@ -174,15 +137,6 @@ def test_in_process_run_returns_the_logged_final_accuracy(overrides, tmp_path):
     assert run.info.status == "FINISHED"
     assert score == run.data.metrics["test_acc"]
     assert score > 0.5  # the tiny digits are learnable: a broken loop would sit near 0.1
-
-
-def test_interrupted_run_ends_killed(tmp_path):
-    store(tmp_path)
-    tracking.use_store(mlflow.get_tracking_uri(), "mnist_sweep", str(tmp_path / "artifacts"))
-    with pytest.raises(KeyboardInterrupt):
-        with tracking.run("interrupted", {}, {}):
-            raise KeyboardInterrupt
-    assert only_run(MlflowClient()).info.status == "KILLED"
 
 
 @pytest.mark.parametrize(

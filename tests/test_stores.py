@@ -1,13 +1,17 @@
-"""The stores' pieces that need no server: redaction, the stores config group, MLflow's bounded
-retries and a run that outlives its tracking store."""
+"""The stores without a server: password redaction in any text and log line, the stores group, and
+the lock that serialises what must not race on a store."""
 
 import logging
+import os
+import subprocess
+import sys
+import time
 
-import mlflow
 import pytest
-from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
-from mnist_sweep import stores, tracking
+from mnist_sweep import stores
+from mnist_sweep.config import PROJECT_ROOT
+from mnist_sweep.stack import free_port
 from mnist_sweep.config import compose
 
 
@@ -50,45 +54,35 @@ def test_stores_server_reads_the_environment(monkeypatch):
     assert local.hydra.sweeper.storage.startswith("sqlite:///") and local.mlflow.artifact_root.endswith("mlartifacts")
 
 
-def test_mlflow_http_retries_are_bounded(monkeypatch):
-    monkeypatch.delenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, raising=False)
-    monkeypatch.delenv(MLFLOW_HTTP_REQUEST_TIMEOUT.name, raising=False)
-    cfg = compose([])
-    tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
-    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 8
-    monkeypatch.delenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)  # leave other tests MLflow's defaults
-    monkeypatch.delenv(MLFLOW_HTTP_REQUEST_TIMEOUT.name)
+@pytest.mark.slow  # four processes
+def test_unreachable_servers_are_one_line_errors_before_training(overrides, tmp_path):
+    closed = free_port()
+    cases = {
+        "tracking server": (["stores=server"], {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed}",
+                                                "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}),
+        "study database": (["-m", "stores=server"], {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "OPTUNA_STORAGE": f"postgresql+psycopg://someone:hunter2@127.0.0.1:{closed}/optuna"}),
+    }
+    for what, (args, env) in cases.items():
+        began = time.monotonic()
+        flags, args = [a for a in args if a == "-m"], [a for a in args if a != "-m"]  # -m goes first
+        done = subprocess.run([sys.executable, "-m", "mnist_sweep", *flags, *overrides, *args], cwd=PROJECT_ROOT,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - began
+        assert done.returncode == 1, (what, done.stderr[-2000:])
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: cannot ") and str(closed) in last, (what, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and "hunter2" not in done.stderr + done.stdout, what
+        assert "epoch" not in done.stdout + done.stderr, what  # nothing trained
+        assert took < 30, (what, took)
 
 
-def test_a_recorder_stops_recording_after_the_store_fails_and_says_what_failed():
-    calls = []
-
-    def log_epoch(epoch):
-        calls.append(epoch)
-        if epoch == 2:
-            raise mlflow.exceptions.MlflowException("API request to http://u:pw@h/api failed: connection refused")
-
-    record = tracking.Recorder()
-    for epoch in (1, 2, 3, 4):
-        record(log_epoch, epoch)
-    assert calls == [1, 2]  # nothing tried after the failure: each would wait out its retries
-    assert record.lost.startswith("log_epoch: ") and "connection refused" in record.lost and "pw" not in record.lost
-
-
-def test_artifacts_go_where_the_store_says_unless_an_artifact_root_is_given(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.use_store(store, "served", None)  # stores=server: a tracking server picks mlflow-artifacts:
-    served = mlflow.get_experiment_by_name("served")
-    assert served.artifact_location == str(tmp_path / "mlruns" / served.experiment_id)  # the store's default
-    tracking.use_store(store, "local", str(tmp_path / "arts"))  # stores=local: under outputs/
-    assert mlflow.get_experiment_by_name("local").artifact_location == (tmp_path / "arts").as_uri()
-
-
-def test_an_unreachable_store_is_one_line_naming_it_without_its_password(monkeypatch):
-    monkeypatch.setenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "0")
-    with pytest.raises(stores.StoreError) as error:
-        tracking.use_store("http://bob:hunter2@127.0.0.1:9", "x", None)  # port 9: nothing listens
-    message = str(error.value)
-    assert message.startswith("cannot use the MLflow store http://bob:***@127.0.0.1:9: ") and "\n" not in message
-    assert "hunter2" not in message
+@pytest.mark.slow
+def test_stores_server_without_its_environment_says_what_to_set(overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE")}
+    for flags, variable in (([], "MLFLOW_TRACKING_URI"), (["-m"], "OPTUNA_STORAGE")):
+        done = subprocess.run([sys.executable, "-m", "mnist_sweep", *flags, *overrides, "stores=server"],
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith("error:") and variable in done.stderr

@@ -1,26 +1,149 @@
-"""Subprocess sweeps on the tiny data: the study, the MLflow parent and children, parallel
-workers, divergence and Ctrl-C. Slow (a few seconds a trial), and CI runs them."""
+"""The study sweeper (hydra_plugins.mnist_sweep): its pieces as plain functions, in-process, then
+whole sweeps as a user runs them, in subprocesses on the tiny data (slow; CI runs them), on sqlite
+and on the real shared stores (PostgreSQL and an MLflow server: the ``services`` fixture)."""
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 import torch
+from hydra.core.utils import JobReturn, JobStatus
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 from conftest import run_cli
-from mnist_sweep import tracking
+from hydra_plugins.mnist_sweep import sweeper
+from mnist_sweep import registry, tracking
 from mnist_sweep.config import PROJECT_ROOT
-from mnist_sweep.study import RUN_ID_ATTR, open_storage
-from mnist_sweep.sweep import CHAMPION, FAILURE_TAG, PARENT_ATTR, REGISTERED_MODEL, STUDY_TAG
+from mnist_sweep.stack import free_port
+from mnist_sweep.registry import CHAMPION, REGISTERED_MODEL
+from mnist_sweep.sweep_tracking import FAILURE_TAG
+from mnist_sweep.tracking import STUDY_TAG
+from mnist_sweep.trial import PARENT_ATTR, RUN_ID_ATTR, open_storage
 
-pytestmark = pytest.mark.slow
-FINISHED = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+FINISHED = {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+# --------------------------------------------------------------------------- its pieces, in-process
+
+
+@pytest.fixture
+def storage(tmp_path) -> optuna.storages.RDBStorage:
+    return open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_a_batch_is_the_smallest_of_what_is_left_n_jobs_and_the_study_wide_room():
+    assert sweeper.next_batch(todo=5, n_jobs=2, room=math.inf, deadline=math.inf, now=0) == (2, "")
+    assert sweeper.next_batch(todo=1, n_jobs=2, room=math.inf, deadline=math.inf, now=0) == (1, "")
+    assert sweeper.next_batch(todo=5, n_jobs=4, room=3, deadline=math.inf, now=0) == (3, "")
+
+
+def test_no_batch_past_a_budget_and_the_reason_names_it():
+    size, why = sweeper.next_batch(todo=5, n_jobs=2, room=0, deadline=math.inf, now=0)
+    assert size == 0 and why.format(max_trials=3, timeout=None).startswith("the study holds hydra.sweeper.max_trials=3")
+    size, why = sweeper.next_batch(todo=5, n_jobs=2, room=math.inf, deadline=10.0, now=10.0)
+    assert size == 0 and why.format(max_trials=None, timeout=0.5) == "hydra.sweeper.timeout=0.5s reached: no more trials start"
+
+
+def test_the_study_wide_room_counts_finished_and_running_trials_of_every_worker(storage):
+    study = optuna.create_study(study_name="s", storage=storage)
+    assert sweeper.room(study, None) == math.inf
+    done, failed = study.ask(), study.ask()
+    study.tell(done, 0.5)
+    study.tell(failed, state=TrialState.FAIL)  # a failed trial leaves its place to another
+    study.ask()  # running, perhaps another worker's
+    assert sweeper.room(study, 3) == 1 and sweeper.room(study, 2) == 0
+
+
+def returns(*results: tuple[JobStatus, object]) -> list[JobReturn]:
+    out = []
+    for status, value in results:
+        ret = JobReturn()
+        ret.status = status
+        ret._return_value = value
+        out.append(ret)
+    return out
+
+
+def test_a_finished_job_is_recorded_once_and_a_crash_or_nan_fails_its_trial(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    told, untold, nan, crashed = (study.ask() for _ in range(4))
+    study.tell(told.number, state=TrialState.PRUNED)  # its job said so: only the job knows
+    sweeper.record_returns(study, storage, [told, untold, nan, crashed], returns(
+        (JobStatus.COMPLETED, 0.9), (JobStatus.COMPLETED, 0.8), (JobStatus.COMPLETED, float("nan")),
+        (JobStatus.FAILED, RuntimeError("boom"))), max_failure_rate=1.0)
+    states = [(t.state, t.value) for t in study.get_trials()]
+    assert states == [(TrialState.PRUNED, None), (TrialState.COMPLETE, 0.8), (TrialState.FAIL, None),
+                      (TrialState.FAIL, None)]
+
+
+def test_past_the_failure_rate_the_jobs_own_error_is_raised(storage):
+    study = optuna.create_study(study_name="s", storage=storage)
+    trials = [study.ask(), study.ask()]
+    with pytest.raises(RuntimeError, match="boom"):
+        sweeper.record_returns(study, storage, trials, returns(
+            (JobStatus.COMPLETED, 0.5), (JobStatus.FAILED, RuntimeError("boom"))), max_failure_rate=0.4)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_exactly_one_worker_creates_the_study(storage):
+    pruner = optuna.pruners.NopPruner()
+    first, created = sweeper.open_study(storage, "s", ["maximize"], pruner)
+    second, again = sweeper.open_study(storage, "s", ["maximize"], pruner)
+    assert (created, again) == (True, False) and first._study_id == second._study_id
+
+
+def test_a_job_is_told_its_trial_whatever_the_study_is_called():
+    assert sweeper.handover("mnist_sweep", 7) == ("optuna.study='mnist_sweep'", "optuna.trial=7")
+    assert sweeper.handover("it's a\\study", 0)[0] == "optuna.study='it\\'s a\\\\study'"
+
+
+def test_the_results_file_holds_the_best_trial_so_far(storage, tmp_path):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    sweeper.save_results(study, str(tmp_path / "empty.yaml"))
+    assert OmegaConf.load(tmp_path / "empty.yaml") == {"name": "optuna", "best_params": {}, "best_value": None}
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    sweeper.save_results(study, str(tmp_path / "best.yaml"))
+    assert OmegaConf.load(tmp_path / "best.yaml") == {"name": "optuna", "best_params": study.best_params,
+                                                      "best_value": study.best_value}
+
+
+def test_a_swallowed_ctrl_c_is_still_remembered():
+    before = signal.getsignal(signal.SIGINT)
+    with sweeper.ctrl_c_remembered() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # what Python does to one raised in a garbage-collector callback
+        assert interrupted.is_set()  # so the sweep loop still stops before its next trial
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# --------------------------------------------------------------------------- whole sweeps, in subprocesses
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m mnist_sweep args``, as a worker a user starts, with ``env`` added to the environment."""
+    return subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=PROJECT_ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-4000:]
+    return output
 
 
 def sweep(overrides: list[str], *args: str) -> subprocess.CompletedProcess:
@@ -84,6 +207,7 @@ def runs(tmp_path) -> tuple[MlflowClient, list, dict]:
     return client, parents, children
 
 
+@pytest.mark.slow
 def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(overrides, tmp_path):
     sweep(overrides, "hydra.sweeper.n_trials=3")
     trials = study(tmp_path).get_trials()
@@ -119,7 +243,7 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     assert_models_only_for_leaders(client, kids, trials)
     images = torch.zeros(3, 1, 28, 28)
     with torch.inference_mode():  # the champion is a pt2 model that loads without a pickle
-        assert tracking.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")(images).shape == (3, 10)
+        assert registry.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")(images).shape == (3, 10)
 
     sweep(overrides, "hydra.sweeper.n_trials=2")  # same study name: continues it, under the same parent
     trials = study(tmp_path).get_trials()
@@ -137,6 +261,7 @@ def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(ove
     assert_models_only_for_leaders(client, children[parent.info.run_id], trials)
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
     sweep(overrides, "hydra.sweeper.n_trials=4", "optim.lr=choice(0.05, 1e8)")
     trials = study(tmp_path).get_trials()
@@ -148,6 +273,7 @@ def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
     assert "FAILED" in statuses and "FINISHED" in statuses and parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_sweep_where_every_trial_diverges_still_ends_cleanly(overrides, tmp_path):
     sweep(overrides, "hydra.sweeper.n_trials=2", "optim.lr=1e8")
     assert [t.value for t in study(tmp_path).get_trials()] == [0.0, 0.0]
@@ -156,6 +282,7 @@ def test_a_sweep_where_every_trial_diverges_still_ends_cleanly(overrides, tmp_pa
     assert not client.search_registered_models()  # nothing worth registering
 
 
+@pytest.mark.slow
 def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_path):
     sweep(overrides, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
           "hydra.sweeper.n_trials=4")
@@ -170,14 +297,7 @@ def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_pat
     assert {k.data.tags["torch.threads"] for k in kids} == {str(max(1, os.cpu_count() // 2))}
 
 
-def test_basic_sweeper_runs_a_plain_grid(overrides, tmp_path):
-    sweep(overrides, "hydra/sweeper=basic", "model=shallow,deep", "optim.lr=0.01,0.1")
-    _, (parent,), children = runs(tmp_path)
-    grid = {(k.data.params["model"], k.data.params["optim.lr"]) for k in children[parent.info.run_id]}
-    assert grid == {("shallow", "0.01"), ("shallow", "0.1"), ("deep", "0.01"), ("deep", "0.1")}
-    assert parent.info.run_name.startswith("sweep-") and parent.info.status == "FINISHED"
-
-
+@pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
     args = [sys.executable, "-m", "mnist_sweep", "-m", *overrides, "hydra.sweeper.n_trials=20", "epochs=20"]
     log = tmp_path / "sweep.log"
@@ -215,19 +335,9 @@ def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
     assert "RUNNING" not in {k.info.status for k in children[parent.info.run_id]}
 
 
-def start_sweep(overrides: list[str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mnist_sweep", "-m", *overrides, *args], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
+@pytest.mark.slow
 def test_two_workers_started_together_share_one_study_and_one_parent(overrides, tmp_path):
-    workers = [start_sweep(overrides, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / f'w{i}'}")
+    workers = [start(["-m", *overrides, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / f'w{i}'}"])
                for i in range(2)]
     for proc in workers:
         finish(proc)
@@ -250,15 +360,17 @@ def test_two_workers_started_together_share_one_study_and_one_parent(overrides, 
     assert len({v.run_id for v in versions}) == len(versions)  # never two versions of one run
 
 
+@pytest.mark.slow
 def test_a_lone_worker_replays_its_search_from_the_seed(overrides, tmp_path):
     for name in ("a", "b"):
         sweep(overrides, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}")
     assert [t.params for t in study(tmp_path, "a").get_trials()] == [t.params for t in study(tmp_path, "b").get_trials()]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_loses_nothing_once_another_worker_runs(overrides, tmp_path):
     heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
-    proc = start_sweep(overrides, *heartbeat, "hydra.sweeper.n_trials=10", "epochs=30")
+    proc = start(["-m", *overrides, *heartbeat, "hydra.sweeper.n_trials=10", "epochs=30"])
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # wait for a completed trial and a running one with its run
@@ -292,6 +404,7 @@ def test_a_killed_worker_loses_nothing_once_another_worker_runs(overrides, tmp_p
     assert orphan.info.status == "FAILED" and "heartbeat" in orphan.data.tags[FAILURE_TAG]
 
 
+@pytest.mark.slow
 def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
     sweep(overrides, "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
           "hydra.sweeper.n_trials=6", "epochs=3", "model=shallow", "augment=none", "model.dropout=0",
@@ -317,6 +430,7 @@ def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
     for _ in range(2):  # two invocations asking for 2 each share a study-wide cap of 3
         sweep(overrides, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_trials=3")
@@ -325,6 +439,7 @@ def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
     assert len(study(tmp_path, "timed").get_trials()) == 1  # the first trial outlasts the budget
 
 
+@pytest.mark.slow
 def test_with_a_validation_split_the_study_maximises_val_acc_and_the_champion_is_chosen_by_it(overrides, tmp_path):
     # one short epoch at low learning rates: accuracies in between, where validation and test disagree
     sweep(overrides, "hydra.sweeper.n_trials=3", "data.val_size=64", "hydra/sweeper/pruner=none", "epochs=1",
@@ -344,24 +459,187 @@ def test_with_a_validation_split_the_study_maximises_val_acc_and_the_champion_is
     assert parent.data.metrics["best_test_acc"] == by_run[champion.run_id].data.metrics["test_acc"]  # its report
 
 
-def test_the_champion_moves_on_the_metric_that_chose_the_candidate(tmp_path):
-    """A model chosen on validation replaces one chosen on the test set; among models chosen on
-    validation, the higher val_acc wins, whatever their test_acc."""
-    from mnist_sweep import sweep as sweep_module
-    from mnist_sweep.model import ConvNet
+# --------------------------------------------------------------------------- on the shared stores (PostgreSQL, MLflow server)
 
-    tracking.use_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "promote", str(tmp_path / "mlartifacts"))
-    client = MlflowClient()
 
-    def candidate(**metrics: float):
-        with tracking.run("candidate", {}, {}) as active:
-            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")
-            mlflow.log_metrics(metrics)
-        run = client.get_run(active.info.run_id)
-        sweep_module.promote(client, run)
-        return client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id == run.info.run_id
+@pytest.fixture
+def name() -> str:
+    """A study and experiment of this test's own: the servers are shared by the whole session."""
+    return f"t{uuid.uuid4().hex[:10]}"
 
-    assert candidate(test_acc=0.99)                   # the first champion, chosen on test
-    assert candidate(val_acc=0.95, test_acc=0.97)     # chosen on validation: replaces it
-    assert not candidate(val_acc=0.94, test_acc=0.999)  # a better test_acc does not choose
-    assert candidate(val_acc=0.96, test_acc=0.96)
+
+def server_args(overrides: list[str], name: str) -> list[str]:
+    """The test's overrides, on the shared stores: the study and experiment named ``name``."""
+    return [*overrides, "stores=server", f"hydra.sweeper.study_name={name}", f"mlflow.experiment={name}"]
+
+
+def load_study(services, name: str) -> optuna.Study:
+    os.environ["PGPASSFILE"] = str(services.pgpass)  # what libpq reads for the password
+    return optuna.load_study(study_name=name, storage=services.optuna_storage)
+
+
+def study_runs(services, name: str) -> tuple[MlflowClient, list, list]:
+    """The tracking server's client, the study's parent runs and its children."""
+    client = MlflowClient(services.tracking_uri)
+    everything = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    parents = [r for r in everything if "mlflow.parentRunId" not in r.data.tags]
+    return client, parents, [r for r in everything if "mlflow.parentRunId" in r.data.tags]
+
+
+def with_password(uri: str, user: str, password: str) -> str:
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{user}:{password}@{rest.split('@')[-1]}"
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgres_and_a_tracking_server(services, overrides, name, tmp_path):
+    # The password in both URIs, as a careless user would put it: it must not leak into MLflow.
+    # (This loopback MLflow server has no auth: it ignores the basic-auth credentials.)
+    # The study's URI comes from the environment; the tracking URI is typed on the command line, so
+    # it is in every job's overrides, config files and flattened params.
+    env = {**services.env(), "OPTUNA_STORAGE": with_password(services.optuna_storage, "mnist_sweep", services.password)}
+    typed = f"mlflow.tracking_uri={with_password(services.tracking_uri, 'alice', services.password)}"
+    workers = [start(["-m", *server_args(overrides, name), typed, "hydra.sweeper.n_trials=3",
+                      f"hydra.sweep.dir={tmp_path / f'w{i}'}"], env) for i in range(2)]
+    outputs = [finish(proc) for proc in workers]
+    assert all(services.password not in output for output in outputs)  # log lines are redacted
+
+    trials = load_study(services, name).get_trials()
+    assert len(trials) == 6 and {t.state for t in trials} <= FINISHED
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no duplicate proposals
+
+    client, (parent,), kids = study_runs(services, name)
+    assert parent.info.run_name == name and parent.info.status == "FINISHED"
+    assert load_study(services, name).user_attrs[PARENT_ATTR] == parent.info.run_id
+    assert sorted(int(k.data.tags["trial"]) for k in kids) == list(range(6))
+    assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {parent.info.run_id}
+    for kid in kids:
+        trial = trials[int(kid.data.tags["trial"])]
+        assert kid.data.tags[STUDY_TAG] == name and trial.user_attrs[RUN_ID_ATTR] == kid.info.run_id
+        assert kid.info.artifact_uri.startswith("mlflow-artifacts:")  # through the server, not a local folder
+
+    # The champion is a registered model any machine can load through the server
+    best = max((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    best_run = client.get_run(best.user_attrs[RUN_ID_ATTR])
+    assert parent.data.tags["best_run_id"] == best_run.info.run_id
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert best_run.info.run_id in {v.run_id for v in versions}
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    acc = {v.run_id: client.get_run(v.run_id).data.metrics["test_acc"] for v in versions}
+    assert acc[champion.run_id] == max(acc.values())  # other tests' sweeps share this registry
+    elsewhere = tmp_path / "another-machine"
+    elsewhere.mkdir()
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mlflow; m = mlflow.pytorch.load_model(sys.argv[1]); print(type(m).__name__)",
+         best_run.data.tags[tracking.MODEL_URI_TAG]],
+        cwd=elsewhere, env={**os.environ, "MLFLOW_TRACKING_URI": services.tracking_uri},
+        capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+    # The password appears nowhere in the tracking server: params, tags, artifacts
+    mlflow.set_tracking_uri(services.tracking_uri)
+    files = []
+    for run in [parent, *kids]:
+        assert all(services.password not in str(v) for v in (*run.data.params.values(), *run.data.tags.values()))
+        # a run's own artifacts (a pruned run has none), and its logged model's (MLflow 3 keeps them apart)
+        where = [dict(run_id=run.info.run_id)]
+        if tracking.MODEL_URI_TAG in run.data.tags:
+            where.append(dict(artifact_uri=run.data.tags[tracking.MODEL_URI_TAG]))
+        for i, source in enumerate(where):
+            root = Path(mlflow.artifacts.download_artifacts(**source, dst_path=str(tmp_path / run.info.run_id / str(i))))
+            files += [p for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.yaml", "hydra.yaml", "overrides.yaml", "state_dict.pt", "MLmodel", "optimization_results.yaml"} <= names
+    assert not [p for p in files if services.password.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_recovered_by_another(services, overrides, name):
+    heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    doomed = start(["-m", *server_args(overrides, name), *heartbeat, "hydra.sweeper.n_trials=5", "epochs=30"],
+                   services.env())
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until its first trial runs and has its MLflow run
+            time.sleep(0.5)
+            try:
+                trials = load_study(services, name).get_trials()
+            except KeyError:  # no study yet
+                continue
+            if trials and RUN_ID_ATTR in trials[0].user_attrs:
+                break
+        doomed.send_signal(signal.SIGKILL)  # no handler runs
+        doomed.wait(timeout=60)
+    finally:
+        doomed.kill()
+    assert load_study(services, name).get_trials()[0].state == optuna.trial.TrialState.RUNNING
+    time.sleep(4)  # past the grace period
+    finish(start(["-m", *server_args(overrides, name), *heartbeat, "hydra.sweeper.n_trials=1"], services.env()))
+
+    trials = load_study(services, name).get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[1].state in FINISHED
+    client, (parent,), _ = study_runs(services, name)
+    dead = client.get_run(trials[0].user_attrs[RUN_ID_ATTR])
+    assert dead.info.status == "FAILED" and FAILURE_TAG in dead.data.tags
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_submitit_local_sweep_keeps_the_trial_handover_and_pruning(services, overrides, name, tmp_path):
+    finish(start(["-m", *server_args(overrides, name), "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
+                  f"hydra.launcher.submitit_folder='{tmp_path / 'submitit'}/%j'"], services.env()))
+    trials = load_study(services, name).get_trials()
+    assert len(trials) == 2 and {t.state for t in trials} <= FINISHED
+    assert all(t.intermediate_values for t in trials)  # each job reported to the pruner through the database
+    _, (parent,), kids = study_runs(services, name)
+    assert sorted(int(k.data.tags["trial"]) for k in kids) == [0, 1]
+    for kid in kids:
+        assert trials[int(kid.data.tags["trial"])].user_attrs[RUN_ID_ATTR] == kid.info.run_id
+    logs = list((tmp_path / "submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # each trial was its own submitit job
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:  # refused, or not up yet (URLError is an OSError)
+        return False
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_the_study(
+        services, overrides, name, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(  # a tracking server of this test's own, to stop
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        env = {**services.env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+        deadline = time.monotonic() + 120
+        while not answers(f"http://127.0.0.1:{port}/health"):
+            assert time.monotonic() < deadline, "the test's tracking server did not start"
+            time.sleep(0.5)
+        proc = start(["-m", *server_args(overrides, name), "hydra.sweeper.n_trials=3", "epochs=4",
+                      "hydra/sweeper/pruner=none"], env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until trial 0 has logged its first epoch
+            time.sleep(0.5)
+            try:
+                trials = load_study(services, name).get_trials()
+            except KeyError:
+                continue
+            if trials and trials[0].intermediate_values:
+                break
+        os.killpg(server.pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    trials = load_study(services, name).get_trials()
+    assert trials[0].state == optuna.trial.TrialState.COMPLETE  # trained to the end: the study has its result
+    assert len(trials) == 1  # no trial started without a place to record it
+    assert proc.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped answering" in errors[0], output[-3000:]

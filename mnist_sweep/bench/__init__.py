@@ -1,0 +1,70 @@
+"""``python -m mnist_sweep.bench``: how fast mnist_sweep reaches 99.0% MNIST test accuracy next to the
+classic PyTorch example, what the framework costs per run, and how many sweep trials a minute run.
+``make bench`` runs it; ``--quick`` is CI's smoke test: it proves the benchmark runs, never a speed.
+
+What is measured, and how (wall-clock seconds; medians over ``--repeats``):
+
+1. Time to 99.0%, both recipes as whole processes timed from spawn, so each pays its own interpreter
+   start, imports and data setup; repeats alternate classic, mnist_sweep, classic, ...
+   - classic (``classic``): pytorch/examples ``mnist/main.py`` as written: a DataLoader doing
+     per-sample ToTensor + Normalize (batch 64, shuffled), the two-conv Net with dropout, Adadelta
+     lr 1.0 with StepLR gamma 0.7, a test pass after every epoch. Its child process
+     (``python -m mnist_sweep.bench.classic``, which imports only what the example imports) stops at
+     the first epoch that reaches 99.0%, or at the example's 14 epochs, and prints when each test
+     pass ended; CLOCK_MONOTONIC is shared by processes, so that instant minus the spawn is its time
+     to 99.0%.
+   - mnist_sweep: ``python -m mnist_sweep`` with the default config, spawn to exit. Its time to 99.0%
+     thus includes the MLflow logging and model export after training (a bias against it). Final
+     accuracy and images/s come from its MLflow run.
+2. Overhead per run: that process time minus its own training and evaluation (the run's
+   ``epoch_seconds`` and ``eval_seconds``, as ``train.fit`` timed them: an epoch's time varies between
+   processes, which a difference of medians would count as overhead), on the bench's existing store
+   (made untimed at setup) and for a first run on a fresh store (a new sqlite file each repeat:
+   MLflow creates its schema). Beside it, the bare loop on the same config, run in this process
+   (``tensors.load`` and ``run.build`` untimed, then ``train.fit`` timed: train + test), and the
+   process time less it. Its floor: ``python -c "import torch"``, spawn to exit; next to it
+   ``python -m mnist_sweep --help``: every import a run makes and Hydra's config, no run. Targets:
+   overhead <= import torch + 1.5 s (existing store), + 3 s (fresh store).
+   Where it goes (``phases``): one more run of each kind under cProfile (``python -m cProfile -m
+   mnist_sweep``), split into phases, each the sum of the cumulative times of the public functions
+   it consists of (the training loop itself, ``train.fit`` less its MLflow records, is left out).
+   cProfile inflates Python-heavy phases (imports, MLflow, SQLAlchemy) far more than training's C++
+   kernels, so the table gives each phase's share of the profiled overhead and, scaled by that
+   share, an estimate of its seconds in the uninstrumented overhead above.
+   Per sweep trial: in the 1-worker sweep of 3., a trial's span is from its start (``datetime_start``,
+   when the sweeper asked for it) to the next trial's, minus its training and evaluation (the run's
+   ``epoch_seconds`` and ``eval_seconds`` metrics); the first trial (it pays the process's one-time
+   costs) and the last (no next start) are left out. Target: <= 0.3 s.
+   ``--overhead`` runs only these measurements.
+3. Sweep throughput: completed trials per minute of a small Optuna sweep (8 trials of one size: a
+   1-epoch default run; no pruner; spawn to exit), first 1 worker x 2 threads, then joblib with
+   2 workers x 1 thread.
+4. Pruning: the same seeded search (model=shallow, 2 epochs a trial, the rest of the default
+   space, 10 trials) once per pruner (none, median, hyperband), spawn to exit: wall time, best test
+   accuracy, trials pruned. Target: a pruner saves >= 35% of the wall time for the same best
+   accuracy (within 0.05 pt).
+5. Shared stores (``make services``' PostgreSQL and MLflow server, started on free loopback ports
+   in a directory of the bench's own, stopped at the end): the sweep of 3. with ``stores=server``,
+   first one worker process, then 2 worker processes started together (threads=1 each) sharing the
+   study; and what tracking one trial costs, embedded sqlite against the server over HTTP: the
+   records of a run (params, datasets, an epoch's metrics and checks, config files, weights, the
+   pt2 model) without its training, in this process, median over ``--repeats`` after a warm-up.
+6. With CUDA the bare loop runs on the GPU after one warm-up fit; its fit time is the GPU's time to
+   99.0% after warm-up.
+7. Augmentation: one epoch of the bare loop per ``augment`` option, and the seconds its warps alone
+   take over an epoch's batches.
+8. ``--search`` runs only the search targets, one after the other, each the command docs/sweeps.md
+   gives, spawn to exit on the real data: the default ``-m`` with a 10-minute budget (target >= 99.5% test
+   accuracy), ``hydra/sweeper=long`` (>= 99.65%), and the same with ``data.val_size=5000``, whose
+   best trial is chosen on val_acc and reported on test (>= 99.6%). Each row names its best trial's
+   config.
+
+Bench runs go to the experiment ``bench`` in a store of their own, ``<out>/mlflow.db``: a sweep
+registers its best model, and a benchmark must not move the project's @champion. docs/benchmark.md
+holds the tables with their dates and machines; the README, the current headline.
+
+The package: ``__main__`` (the command line), ``classic`` (the classic recipe, its own process),
+``timers`` (processes and sweeps, spawn to exit), ``inprocess`` (the bare loop, warps, tracking),
+``phases`` (a profile split into phases), ``measure`` (the sections, in order), ``report`` (the
+table, rows keyed by label). Nothing is imported here: the classic child imports this package.
+"""

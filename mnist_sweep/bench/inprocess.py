@@ -1,0 +1,89 @@
+"""Measurements in the bench's own process: the bare training loop, augmentation's warps, and what
+tracking one trial costs in a store."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+
+def time_bare_fit(cfg) -> dict:
+    """The training loop of ``python -m mnist_sweep`` on ``cfg``, without Hydra's job or MLflow: the
+    data and the objects a run builds made untimed, then ``train.fit`` timed (train and test)."""
+    from mnist_sweep import data, tensors, train
+    from mnist_sweep.run import build  # the very objects a run builds
+
+    device = train.pick_device(cfg.device)
+    train.set_threads(cfg.threads, parallel_workers=1)
+    train_set, test_set = tensors.load(data.tensor_file(cfg.data.root), device)
+    model, optimizer, scheduler, augment = build(cfg, device, len(train_set))
+    start = time.perf_counter()
+    metrics = train.fit(model, optimizer, scheduler, train_set, test_set, epochs=cfg.epochs,
+                        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                        augment=augment)
+    return {"fit_s": time.perf_counter() - start, "acc": metrics["test_acc"], "device": device.type,
+            "epoch_s": metrics["epoch_seconds"]}
+
+
+def time_augment(cfg) -> dict:
+    """One epoch of ``train.fit`` with ``cfg``'s augmentation, and the seconds the warps alone take
+    over an epoch's batches (timed apart: within an epoch's noise they would not show)."""
+    from hydra.utils import instantiate
+
+    from mnist_sweep import data, tensors, train
+
+    fit = time_bare_fit(cfg)
+    device = train.pick_device(cfg.device)
+    train_set, _ = tensors.load(data.tensor_file(cfg.data.root), device)
+    augment, generator = instantiate(cfg.augment), torch.Generator(device).manual_seed(cfg.seed)
+    start = time.perf_counter()
+    for images, _ in tensors.batches(train_set, cfg.data.batch_size, cfg.seed):
+        augment(images, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return fit | {"augment_s": time.perf_counter() - start}
+
+
+def record_trial(cfg, params: dict, datasets: list, model: torch.nn.Module, hydra_dir: Path) -> None:
+    """What a run records, without its training: params, datasets, checks, an epoch, config files, model."""
+    from mnist_sweep import tracking
+
+    with tracking.run("bench-tracking", params, tags={}):
+        tracking.log_datasets(datasets)
+        for step in range(1, 4):
+            tracking.log_check(step, 0.9)
+        tracking.log_epoch(4, {"train_loss": 0.1, "test_loss": 0.1, "test_acc": 0.99,
+                               "epoch_seconds": 10.0, "images_per_second": 6000.0})
+        tracking.log_outputs(model, hydra_dir, torch.zeros(2, 1, 28, 28), cfg.mlflow.model_format)
+
+
+def time_tracking(targets: Mapping[str, tuple[str, str | None]], cfg, repeats: int) -> dict[str, float]:
+    """Median seconds to record one trial in each of ``targets`` (name: tracking URI, artifact root);
+    the stores alternate, after one untimed warm-up (the first model export imports torch.export)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mnist_sweep import data, tracking
+
+    model = instantiate(cfg.model)
+    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    datasets = data.datasets(Path(cfg.data.root), dict(cfg.data.md5))
+    tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+    seconds: dict[str, list[float]] = {name: [] for name in targets}
+    with tempfile.TemporaryDirectory() as tmp:
+        hydra_dir = Path(tmp)  # the three config files a run logs
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (hydra_dir / name).write_text(OmegaConf.to_yaml(cfg))
+        for i in range(repeats + 1):
+            for name, (uri, artifact_root) in targets.items():
+                tracking.use_store(uri, "bench-tracking", artifact_root)
+                start = time.perf_counter()
+                record_trial(cfg, params, datasets, model, hydra_dir)
+                if i:  # the first round is the warm-up
+                    seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}

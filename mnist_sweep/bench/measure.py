@@ -1,0 +1,199 @@
+"""The benchmark's sections: each runs its measurements, in the order the table was always made,
+and hands back what it measured; ``report`` turns that into rows."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mnist_sweep.bench import classic, phases, report
+from mnist_sweep.bench.inprocess import time_augment, time_bare_fit, time_tracking
+from mnist_sweep.bench.timers import (Stores, profile_run, server_stores, sqlite_stores, time_classic, time_imports,
+                                      time_run, time_sweep, trial_overheads)
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+SWEEP_TRIALS = 8  # per mode: 6 of them (not the first, not the last) give the per-trial overhead
+# The throughput and shared-store sweeps: trials of one short, fixed size (a 1-epoch default
+# run), so that trials/min and per-trial overhead compare; the sweeper searches the rest of its space.
+SWEEP_PINS = ("model=shallow", "model.channels=16", "epochs=1", "augment=none")
+# How the embedded stores' sweep runs its trials, by workers: one at a time, or joblib's processes
+LAUNCHERS = {1: (), 2: ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")}
+PRUNE_TRIALS = 10  # per pruner: enough past TPE's 6 random startup trials for pruning to matter
+PRUNE_EPOCHS = 2   # a trial's length: pruning can save most of it
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every section shares: where it writes, its config and stores, the caller's overrides."""
+
+    out: Path
+    stamp: str
+    cfg: DictConfig  # the default config on the bench's stores with the caller's overrides
+    stores: Stores  # the bench's own: <out>/mlflow.db, <out>/optuna.db
+    user: tuple[str, ...]  # the caller's overrides: last in every command, so they win
+    quick: bool
+    repeats: int
+
+    def run_dir(self, name: str) -> str:
+        return f"hydra.run.dir={self.out / 'runs' / f'{self.stamp}-{name}'}"
+
+    def fresh(self, name: str) -> Stores:
+        """A new, empty store, as a first run meets it."""
+        return sqlite_stores(self.out / "fresh" / f"{self.stamp}-{name}")
+
+    @property
+    def n_trials(self) -> int:
+        return 2 if self.quick else SWEEP_TRIALS
+
+
+def say(what: str) -> None:
+    print(f"bench: {what}", file=sys.stderr, flush=True)
+
+
+def setup(out: Path, user: list[str], quick: bool, repeats: int) -> Bench:
+    """The bench's directory and config; untimed, the data verified and parsed once and the bench's
+    store created (its schema takes seconds)."""
+    from mnist_sweep import data, tracking
+    from mnist_sweep.config import compose
+
+    out.mkdir(parents=True, exist_ok=True)
+    stores = sqlite_stores(out)
+    cfg = compose([*stores.run_overrides, *user])
+    data.prepare(Path(cfg.data.root), dict(cfg.data.md5))
+    tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
+    return Bench(out, datetime.now().strftime("%Y%m%d-%H%M%S"), cfg, stores, tuple(user), quick,
+                 1 if quick else repeats)
+
+
+def repeated_runs(bench: Bench, with_classic: bool) -> dict:
+    """Each repeat: the classic recipe, a run on the bench's store and one on a fresh store, the imports."""
+    runs: dict = {"classic": [], "ours": [], "fresh": [], "imports": {"torch": [], "main": []}}
+    experiment = bench.cfg.mlflow.experiment
+    for i in range(bench.repeats):
+        if with_classic:
+            say(f"{i + 1}/{bench.repeats} classic recipe")
+            runs["classic"].append(time_classic(str(bench.cfg.data.root), 1 if bench.quick else classic.EPOCHS))
+        say(f"{i + 1}/{bench.repeats} python -m mnist_sweep, existing and fresh store")
+        runs["ours"].append(time_run([bench.run_dir(str(i)), *bench.user], bench.stores, experiment))
+        runs["fresh"].append(time_run([bench.run_dir(f"{i}-fresh"), *bench.user], bench.fresh(str(i)), experiment))
+        for name, seconds in time_imports().items():
+            runs["imports"][name].append(seconds)
+    return runs
+
+
+def profiles(bench: Bench, keys: dict[str, phases.Key]) -> dict[str, dict]:
+    say("python -m mnist_sweep under cProfile, existing and fresh store")
+    return {kind: profile_run([bench.run_dir(name), *bench.user], stores,
+                              bench.out / f"profile-{bench.stamp}-{kind}.prof", keys)
+            for kind, name, stores in (("existing", "profile", bench.stores),
+                                       ("fresh", "profile-fresh", bench.fresh("profile")))}
+
+
+def bare_fits(bench: Bench) -> list[dict]:
+    say("bare training loop")
+    if torch.cuda.is_available():
+        time_bare_fit(bench.cfg)  # warm-up: CUDA context, kernel selection and caches
+    return [time_bare_fit(bench.cfg) for _ in range(bench.repeats)]
+
+
+def pinned(workers: int) -> list[str]:
+    """A throughput sweep's arguments: its trials' fixed size, the threads each gets, no pruner."""
+    return [*SWEEP_PINS, f"threads={2 // workers}", "hydra/sweeper/pruner=none"]
+
+
+def throughput(bench: Bench, workers: int) -> dict:
+    say(f"sweep with {workers} worker(s)")
+    return time_sweep(f"bench-{bench.stamp}-{workers}w", pinned(workers), bench.stores, bench.out, bench.user,
+                      bench.n_trials, launcher=LAUNCHERS[workers])
+
+
+def shared_stores(bench: Bench) -> tuple[dict, dict] | str:
+    """The throughput sweep on shared stores of the bench's own (stopped at the end) with 1 and 2
+    worker processes, and the tracking cost; a one-line reason instead where PostgreSQL is not installed."""
+    from mnist_sweep import stack
+
+    say("shared stores (PostgreSQL, MLflow server)")
+    try:
+        stack.postgres_bindir()
+    except FileNotFoundError as err:
+        return str(err)
+    # Throwaway servers in a directory the user postgres can enter (as root, PostgreSQL runs as
+    # postgres, and `out` may sit under a private directory such as /tmp/pytest-of-root)
+    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-bench-services-"))
+    root.chmod(0o711)
+    # free ports, two different ones: a user's `make services` may hold the default ones
+    pg_port = stack.free_port()
+    mlflow_port = next(port for port in iter(stack.free_port, None) if port != pg_port)
+    try:
+        running = stack.start(root, pg_port=pg_port, mlflow_port=mlflow_port)
+        sweeps = {workers: time_sweep(f"bench-{bench.stamp}-shared-{workers}w", pinned(workers), server_stores(running),
+                                      bench.out, bench.user, bench.n_trials, processes=workers)
+                  for workers in (1, 2)}
+        cfg = bench.cfg
+        costs = time_tracking({"embedded": (cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root),
+                               "server": (running.tracking_uri, None)}, cfg, bench.repeats)
+    finally:
+        stack.stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+    return sweeps, costs
+
+
+def pruning(bench: Bench) -> dict[str, dict]:
+    """The same seeded search once per pruner."""
+    searches = {}
+    for pruner in report.PRUNERS:
+        say(f"search with pruner {pruner}")
+        args = ["model=shallow", f"epochs={1 if bench.quick else PRUNE_EPOCHS}", f"hydra/sweeper/pruner={pruner}"]
+        searches[pruner] = time_sweep(f"bench-{bench.stamp}-{pruner}", args, bench.stores, bench.out, bench.user,
+                                      2 if bench.quick else PRUNE_TRIALS)
+    return searches
+
+
+def augment_epochs(bench: Bench) -> dict[str, dict]:
+    from mnist_sweep.config import compose
+
+    augments = {}
+    for name in report.AUGMENTS:
+        say(f"one epoch with augment={name}")
+        augments[name] = time_augment(compose([*bench.stores.run_overrides, *bench.user, f"augment={name}"]))
+    return augments
+
+
+def overhead_and_more(bench: Bench, overhead_only: bool) -> report.Rows:
+    """Everything but the search targets; with ``overhead_only``, the framework's overhead alone."""
+    keys = phases.resolve()  # before anything runs: a phase naming a function that is gone fails here
+    runs = repeated_runs(bench, with_classic=not overhead_only)
+    profiled = profiles(bench, keys)
+    bare = bare_fits(bench)
+    sweeps = {workers: throughput(bench, workers) for workers in ((1,) if overhead_only else (1, 2))}
+    trials = trial_overheads(f"bench-{bench.stamp}-1w", bench.stores)
+    rows = report.overhead_rows(runs["imports"], runs["ours"], runs["fresh"], bare, profiled, trials)
+    rows |= report.sweep_rows(sweeps)
+    if overhead_only:
+        return rows
+    shared, searches, augments = shared_stores(bench), pruning(bench), augment_epochs(bench)
+    return (rows | report.target_rows(runs["classic"], runs["ours"]) | report.shared_rows(shared, sweeps[1])
+            | report.pruning_rows(searches) | report.gpu_row(bare) | report.augment_rows(augments))
+
+
+def search_targets(bench: Bench) -> report.Rows:
+    """Each of ``report.SEARCHES``, one after the other, as its target row."""
+    rows = {}
+    for i, (name, (search, target)) in enumerate(report.SEARCHES.items()):
+        if bench.quick:  # 2 trials of 1 epoch; the tiny data has 320 training images, not 60,000
+            search = [a.replace("data.val_size=5000", "data.val_size=64") for a in search] + ["epochs=1"]
+        say(f"search {' '.join(search)}")
+        run = time_sweep(f"bench-{bench.stamp}-search-{i}", search, bench.stores, bench.out, bench.user,
+                         2 if bench.quick else None)
+        on_val = any(a.startswith("data.val_size=") for a in search)
+        rows[f"search target: {name}"] = report.search_target_text(run, target, on_val)
+    return rows

@@ -1,0 +1,292 @@
+"""The benchmark's table: every row keyed by its label, printed in the order of ``ROWS``.
+
+A row is made from measurements by the function for its section; the table takes each label's row by
+name, so a row that was not measured reads "not measured" and never moves another row's figures.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from mnist_sweep.bench.classic import TARGET_ACC
+from mnist_sweep.bench.phases import DETAILS, PHASES
+
+Row = tuple[str, str, str]  # result, target, detail
+Rows = dict[str, Row]
+
+PRUNERS = ("none", "median", "hyperband")
+AUGMENTS = ("none", "shift", "affine")
+SWEEPS = {1: "sweep, 1 worker x 2 threads", 2: "sweep, 2 workers x 1 thread"}  # workers -> label
+SHARED_SWEEPS = {1: "shared stores: sweep, 1 worker process", 2: "shared stores: sweep, 2 worker processes"}
+TRACKING = ("tracking one trial: embedded sqlite", "tracking one trial: MLflow server (HTTP)")
+# The searches of issue 12's targets, each (its arguments, the test accuracy its best trial must
+# reach); each is the command docs/sweeps.md gives, spawn to exit, on the real data.
+SEARCHES = {
+    "default -m, 10-minute budget": (["hydra.sweeper.timeout=600"], 0.995),
+    "hydra/sweeper=long": (["hydra/sweeper=long"], 0.9965),
+    "hydra/sweeper=long data.val_size=5000, champion on test": (["hydra/sweeper=long", "data.val_size=5000"], 0.996),
+}
+TARGET_ROWS = ("classic recipe: time to 99.0%", "mnist_sweep: time to 99.0%", "time to 99.0%, mnist_sweep / classic")
+OVERHEAD_ROWS = (  # what ``--overhead`` measures
+    "import torch alone",
+    "python -m mnist_sweep --help",
+    "mnist_sweep process, per run",
+    "mnist_sweep process, first run on a fresh store",
+    "bare training loop (fit), per run",
+    "framework overhead, per run",
+    "framework overhead, first run on a fresh store",
+    *(f"overhead phase: {name}" for name in PHASES),
+    "sweep: overhead per trial",
+    SWEEPS[1],
+)
+ROWS = (  # every row of a full run, in order
+    *TARGET_ROWS,
+    *OVERHEAD_ROWS,
+    SWEEPS[2],
+    *SHARED_SWEEPS.values(),
+    *TRACKING,
+    *(f"search, pruner {name}" for name in PRUNERS),
+    *(f"wall time saved by {name} pruning" for name in PRUNERS[1:]),
+    "GPU: fit to 99.0% after warm-up",
+    *(f"augment={name}: one epoch" for name in AUGMENTS),
+)
+SEARCH_ROWS = tuple(f"search target: {name}" for name in SEARCHES)  # what ``--search`` measures
+NOT_MEASURED: Row = ("not measured", "", "")
+
+
+def seconds_text(values: list[float | None]) -> str:
+    """``14.1 s``; with repeats the median and range; runs that missed 99.0% are counted."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "not reached"
+    text = f"{statistics.median(reached):.1f} s"
+    if len(values) > 1:
+        text += f" (median of {len(reached)}, {min(reached):.1f}-{max(reached):.1f})"
+    missed = len(values) - len(reached)
+    return text + (f", {missed} of {len(values)} not reached" if missed else "")
+
+
+def target_text(target: str, value: float | None, limit: float) -> str:
+    if value is None:
+        return f"{target}: n/a"
+    return f"{target}: {'met' if value <= limit else 'not met'}"
+
+
+def recipe_text(runs: list[dict]) -> Row:
+    return (seconds_text([r["to_target_s"] for r in runs]), "",
+            f"{runs[-1]['epochs']} epoch(s), final acc {100 * runs[-1]['acc']:.2f}%, "
+            f"{statistics.median(r['images_per_s'] for r in runs):,.0f} img/s (train)")
+
+
+def target_rows(classic: list[dict], ours: list[dict]) -> Rows:
+    """Time to 99.0%: each recipe, and their ratio."""
+    times = [r["to_target_s"] for r in classic + ours]
+    ratio = None
+    if None not in times:
+        ratio = statistics.median(r["to_target_s"] for r in ours) / statistics.median(r["to_target_s"] for r in classic)
+    return dict(zip(TARGET_ROWS, (
+        recipe_text(classic),
+        recipe_text(ours),
+        ("n/a" if ratio is None else f"{ratio:.3f}x", target_text("<= 0.10x", ratio, 0.10), ""),
+    )))
+
+
+def process_rows(imports: Mapping[str, list[float]], ours: list[dict], fresh: list[dict], bare: list[dict]) -> Rows:
+    """The processes and the bare loop, each as measured."""
+    return {
+        "import torch alone": (seconds_text(imports["torch"]), "",
+                               "python -c 'import torch', spawn to exit: the floor"),
+        "python -m mnist_sweep --help": (seconds_text(imports["main"]), "",
+                                         "spawn to exit: every module a run imports, Hydra's config; no run"),
+        "mnist_sweep process, per run": (seconds_text([r["process_s"] for r in ours]), "",
+                                         "spawn to exit, existing store: imports, Hydra, data, MLflow, model"),
+        "mnist_sweep process, first run on a fresh store": (seconds_text([r["process_s"] for r in fresh]), "",
+                                                            "spawn to exit, a new sqlite store each time"),
+        "bare training loop (fit), per run": (seconds_text([r["fit_s"] for r in bare]), "",
+                                              f"train.fit alone, same config, in-process; final acc "
+                                              f"{100 * bare[-1]['acc']:.2f}%"),
+    }
+
+
+def overhead_row(runs: list[dict], torch_s: float, fit_s: float, extra: float) -> Row:
+    # each run less its own training and evaluation: an epoch's time varies between processes,
+    # and the difference of two medians would carry that into the overhead
+    overheads = [r["process_s"] - r["fit_s"] for r in runs]
+    return (seconds_text(overheads),
+            target_text(f"<= import torch + {extra:g} s", statistics.median(overheads), torch_s + extra),
+            f"each process less its own training and evaluation (its epoch_seconds, eval_seconds); process - bare "
+            f"fit (medians): {statistics.median(r['process_s'] for r in runs) - fit_s:.1f} s; import torch + "
+            f"{extra:g} s = {torch_s + extra:.1f} s")
+
+
+def phase_rows(profiles: Mapping[str, dict], overhead: Mapping[str, float]) -> Rows:
+    """Each phase: existing store / fresh store, its share of the profiled overhead, then that share of
+    the measured overhead (cProfile inflates Python-heavy phases far more than training's kernels)."""
+    kinds = ("existing", "fresh")
+    rows = {}
+    for name in PHASES:
+        shares = {kind: profiles[kind]["phases"][name] / profiles[kind]["total"] for kind in kinds}
+        inside = [f"{label} {profiles['existing']['details'][label]:.2f} / {profiles['fresh']['details'][label]:.2f}"
+                  for label in DETAILS.get(name, {})]
+        missing = sorted({n for kind in kinds for n in profiles[kind]["missing"][name]})
+        rows[f"overhead phase: {name}"] = (
+            " / ".join(f"{100 * shares[kind]:.0f}% ~{shares[kind] * overhead[kind]:.1f} s" for kind in kinds), "",
+            f"profiled {profiles['existing']['phases'][name]:.2f} / {profiles['fresh']['phases'][name]:.2f} s"
+            + (f"; of which {', '.join(inside)} s" if inside else "")
+            + (f"; not in the profile: {', '.join(missing)}" if missing else ""))
+    return rows
+
+
+def trial_row(trials: list[dict]) -> Row:
+    if not trials:
+        return "n/a", "<= 0.3 s", "needs a sweep of 3 trials or more"
+    costs = [t["span_s"] - t["fit_s"] for t in trials]
+    return (f"{statistics.mean(costs):.2f} s", target_text("<= 0.3 s", statistics.mean(costs), 0.3),
+            f"mean over trials 2-{len(trials) + 1} of the 1-worker sweep: start to next start - training - "
+            "evaluation; each: " + ", ".join(f"{c:.2f} s{' (full model)' if t['model'] else ''}"
+                                             for c, t in zip(costs, trials)))
+
+
+def overhead_rows(imports: Mapping[str, list[float]], ours: list[dict], fresh: list[dict], bare: list[dict],
+                  profiles: Mapping[str, dict], trials: list[dict]) -> Rows:
+    """What ``--overhead`` measures but the sweep's throughput."""
+    torch_s = statistics.median(imports["torch"])
+    fit_s = statistics.median(r["fit_s"] for r in bare)
+    overhead = {kind: statistics.median(r["process_s"] - r["fit_s"] for r in runs)
+                for kind, runs in (("existing", ours), ("fresh", fresh))}
+    return {
+        **process_rows(imports, ours, fresh, bare),
+        "framework overhead, per run": overhead_row(ours, torch_s, fit_s, 1.5),
+        "framework overhead, first run on a fresh store": overhead_row(fresh, torch_s, fit_s, 3.0),
+        **phase_rows(profiles, overhead),
+        "sweep: overhead per trial": trial_row(trials),
+    }
+
+
+def sweep_text(sweep: dict, detail: str = "") -> Row:
+    return (f"{60 * sweep['completed'] / sweep['seconds']:.1f} trials/min", "",
+            f"{sweep['completed']} of {sweep['asked']} trials completed in {sweep['seconds']:.1f} s{detail}")
+
+
+def sweep_rows(sweeps: Mapping[int, dict]) -> Rows:
+    """The embedded stores' sweeps, by workers."""
+    return {SWEEPS[workers]: sweep_text(sweep) for workers, sweep in sweeps.items()}
+
+
+def shared_rows(shared: tuple[dict, dict] | str, embedded: dict) -> Rows:
+    """The shared stores' sweeps against the embedded 1-worker sweep, and tracking a trial in each;
+    ``shared``: a one-line reason where they could not run."""
+    if isinstance(shared, str):
+        return dict.fromkeys((*SHARED_SWEEPS.values(), *TRACKING), ("n/a", "", shared))
+    sweeps, costs = shared
+    vs = f" (embedded stores, 1 worker: {60 * embedded['completed'] / embedded['seconds']:.1f} trials/min)"
+    return {
+        **{SHARED_SWEEPS[workers]: sweep_text(sweep, vs) for workers, sweep in sweeps.items()},
+        TRACKING[0]: (f"{costs['embedded']:.2f} s", "", "a run's records without its training: params, datasets, "
+                                                        "metrics, config files, weights, pt2 model"),
+        TRACKING[1]: (f"{costs['server']:.2f} s", "", f"{costs['server'] - costs['embedded']:+.2f} s against "
+                                                      "embedded; PostgreSQL behind it, on this machine"),
+    }
+
+
+def search_text(run: dict) -> Row:
+    best = "n/a" if run["best"] is None else f"{100 * run['best']:.2f}%"
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run["best_params"].items())
+    return (f"{run['seconds']:.0f} s, best {best}", "",
+            f"{run['trials']} trials, {run['pruned']} pruned; best trial: {params}")
+
+
+def saving_text(base: dict, run: dict) -> Row:
+    if base["best"] is None or run["best"] is None:
+        return "n/a", ">= 35% less, best within 0.05 pt", "a search completed no trial"
+    saved, delta = 1 - run["seconds"] / base["seconds"], 100 * (run["best"] - base["best"])
+    met = saved >= 0.35 and abs(delta) <= 0.05 + 1e-9
+    return (f"{100 * saved:.0f}% less, best {delta:+.2f} pt",
+            f">= 35% less, best within 0.05 pt: {'met' if met else 'not met'}", "against pruner none")
+
+
+def pruning_rows(searches: Mapping[str, dict]) -> Rows:
+    """The same search once per pruner, and what each pruner saved against none."""
+    return {**{f"search, pruner {name}": search_text(run) for name, run in searches.items()},
+            **{f"wall time saved by {name} pruning": saving_text(searches["none"], searches[name])
+               for name in searches if name != "none"}}
+
+
+def search_target_text(run: dict, target: float, on_val: bool) -> Row:
+    """A target search: its best trial's test accuracy against ``target``, and that trial's config;
+    ``on_val``: the study maximised val_acc, which chose that trial."""
+    test = run["best_test"]
+    chosen = f" (chosen on val_acc {100 * run['best']:.2f}%)" if on_val and test is not None else ""
+    result = "n/a" if test is None else f"{100 * test:.2f}%{chosen} in {run['seconds'] / 60:.1f} min"
+    met = "n/a" if test is None else "met" if test >= target else "not met"
+    return result, f">= {100 * target:.2f}%: {met}", search_text(run)[2]
+
+
+def gpu_row(bare: list[dict]) -> Rows:
+    gpu = [r["fit_s"] if r["acc"] >= TARGET_ACC else None for r in bare if r["device"] == "cuda"]
+    if not gpu:
+        return {"GPU: fit to 99.0% after warm-up": ("no GPU", "<= 1 s", "CUDA is not available here")}
+    gpu_s = statistics.median(gpu) if None not in gpu else None
+    return {"GPU: fit to 99.0% after warm-up": (seconds_text(gpu), target_text("<= 1 s", gpu_s, 1.0),
+                                                "train.fit on CUDA after one warm-up fit")}
+
+
+def augment_rows(augments: Mapping[str, dict]) -> Rows:
+    return {f"augment={name}: one epoch": (
+        f"{run['augment_s']:.2f} s of warps", "",
+        f"{run['augment_s'] / run['epoch_s']:.0%} of its {run['epoch_s']:.1f} s epoch (train.fit, default config); "
+        f"test acc after it {100 * run['acc']:.2f}%") for name, run in augments.items()}
+
+
+def machine_record() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:  # not Linux: platform's name will do
+        pass
+    return {
+        "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "CPU": cpu,
+        "cores": str(os.cpu_count()),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads by default)",
+        "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "Python": platform.python_version(),
+    }
+
+
+def table(machine: Mapping[str, str], command: str, labels: tuple[str, ...], rows: Mapping[str, Row]) -> str:
+    """The table of ``labels``, each with its row from ``rows`` or as not measured; a row whose label
+    is not a table label is a ValueError (it would never be printed)."""
+    unknown = [label for label in rows if label not in labels]
+    if unknown:
+        raise ValueError(f"rows with no place in the table: {unknown}")
+    lines = [
+        f"## Benchmark, {machine['date']}",
+        "",
+        "Machine: " + "; ".join(f"{key} {value}" for key, value in machine.items() if key != "date") + ".",
+        f"Command: `{command}`.",
+        "",
+        "| Measurement | Result | Target | Detail |",
+        "|---|---|---|---|",
+        *(f"| {label} | {' | '.join(rows.get(label, NOT_MEASURED))} |" for label in labels),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(table_text: str, quick: bool, out: Path, stamp: str) -> None:
+    """Print the table, and write it as ``bench-<stamp>.md`` and ``latest.md`` in ``out``."""
+    if quick:
+        table_text += "\nQuick run: a smoke test of the benchmark, not a measurement.\n"
+    print(table_text)
+    (out / f"bench-{stamp}.md").write_text(table_text)
+    (out / "latest.md").write_text(table_text)
+    print(f"bench: wrote {out / f'bench-{stamp}.md'} and latest.md", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""A sweep in MLflow: the study's one parent run, its summary and champion, runs left by dead
+workers; a plain grid's parent. In-process on embedded stores, and one grid as a user runs it."""
+
+import mlflow
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+from optuna.trial import TrialState
+
+from conftest import run_cli
+from mnist_sweep import stores, sweep_tracking, tracking
+from mnist_sweep.model import ConvNet
+from mnist_sweep.registry import CHAMPION, REGISTERED_MODEL
+from mnist_sweep.stack import free_port
+from mnist_sweep.trial import PARENT_ATTR, RUN_ID_ATTR, open_storage
+
+
+@pytest.fixture
+def stores_(tmp_path):
+    """An embedded MLflow store and study database, and the study's MLflow side as a worker opens it."""
+    uri, storage_url = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage_url), direction="maximize")
+    tracker = sweep_tracking.MlflowStudy(uri, "sweep", str(tmp_path / "artifacts"), 0, 8, storage_url)
+    tracker.open(study, created=True)
+    return tracker, study, MlflowClient()
+
+
+def trial_run(client: MlflowClient, study: optuna.Study, parent: str, acc: float | None, model: bool) -> str:
+    """A trial with its child run, as a job leaves them: the run RUNNING until ``acc`` completes both."""
+    trial = study.ask()
+    if acc is None:  # its worker died mid-trial: nobody ends its run
+        orphan = client.create_run(client.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent})
+        trial.set_user_attr(RUN_ID_ATTR, orphan.info.run_id)
+        return orphan.info.run_id
+    with tracking.run(f"trial-{trial.number}", {}, {tracking.TRIAL_TAG: str(trial.number)}, parent) as active:
+        trial.set_user_attr(RUN_ID_ATTR, active.info.run_id)
+        if model:
+            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")
+        mlflow.log_metric("test_acc", acc)
+    study.tell(trial, acc)
+    return active.info.run_id
+
+
+def test_one_parent_per_study_whichever_worker_asks(stores_):
+    tracker, study, client = stores_
+    assert study.user_attrs[PARENT_ATTR] == tracker.parent_id
+    experiment = client.get_experiment_by_name("sweep").experiment_id
+    assert sweep_tracking.study_parent(client, experiment, study, created=False) == tracker.parent_id
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.run_name == "s" and parent.info.status == "RUNNING"
+    assert parent.data.tags[tracking.STUDY_TAG] == "s"
+
+
+def test_closing_summarises_crowns_the_best_and_ends_the_parent_once_no_trial_runs(stores_, tmp_path):
+    tracker, study, client = stores_
+    trial_run(client, study, tracker.parent_id, 0.8, model=True)
+    best = trial_run(client, study, tracker.parent_id, 0.9, model=True)
+    running = study.ask()  # another worker's trial, still training
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "RUNNING"  # the last worker to end ends it
+    assert parent.data.metrics["best_test_acc"] == 0.9 and parent.data.tags["best_run_id"] == best
+    assert parent.data.tags["trials"] == "2 finished"
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id == best
+    assert "plots/optimization_history.png" in {a.path for a in client.list_artifacts(tracker.parent_id, "plots")}
+    study.tell(running, 0.1)
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=True)
+    assert client.get_run(tracker.parent_id).info.status == "KILLED"  # Ctrl-C ended the sweep
+
+
+def test_a_dead_workers_run_is_ended_failed_with_the_reason(stores_, tmp_path):
+    tracker, study, client = stores_
+    orphan = trial_run(client, study, tracker.parent_id, None, model=False)
+    (trial,) = study.get_trials()
+    study.tell(trial.number, state=TrialState.FAIL)  # what a live worker does to a trial without heartbeat
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    run = client.get_run(orphan)
+    assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags[sweep_tracking.FAILURE_TAG]
+    assert client.get_run(tracker.parent_id).info.status == "FINISHED"  # no best run: no champion, no error
+
+
+def test_a_store_that_stops_answering_stops_the_sweep_in_one_line(stores_, monkeypatch):
+    tracker, study, client = stores_
+    trial_run(client, study, tracker.parent_id, 0.5, model=False)
+    monkeypatch.setenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "0")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    tracker.tracking_uri = mlflow.get_tracking_uri()
+    with pytest.raises(stores.StoreError, match="stopped answering .*the study keeps its 1 finished trials"):
+        tracker.check(study)
+
+
+@pytest.mark.slow
+def test_a_plain_grid_has_a_parent_run_of_its_own(overrides, tmp_path):
+    done = run_cli("mnist_sweep", "-m", *overrides, "hydra/sweeper=basic", "model=shallow,deep", "optim.lr=0.01,0.1",
+                   "mlflow.model_format=null", timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    grid = {(k.data.params["model"], k.data.params["optim.lr"]) for k in kids}
+    assert grid == {("shallow", "0.01"), ("shallow", "0.1"), ("deep", "0.01"), ("deep", "0.1")}
+    assert parent.info.run_name.startswith("sweep-") and parent.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] in {k.info.run_id for k in kids}

@@ -1,0 +1,120 @@
+"""A job's side of its trial, on a real study database (no sweep, no training): joining it, what it
+reports and at which step, when it stops, and how it ends."""
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mnist_sweep import trial
+from mnist_sweep.trial import JobTrial, NoTrial, StudyError, open_storage
+
+
+@pytest.fixture
+def storage(tmp_path) -> optuna.storages.RDBStorage:
+    return open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def job(study: optuna.Study, storage, epochs: int = 1, checks: int = 0) -> JobTrial:
+    return JobTrial(study, study.ask().number, storage, None, "test_acc", epochs, checks)
+
+
+def test_a_trial_leads_when_no_completed_trial_is_better(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    first = job(study, storage)
+    assert first.leads(0.1)  # nothing completed yet: any value may end as the best
+    first.complete(0.5)
+    second = job(study, storage)
+    assert second.leads(0.6) and second.leads(0.5)  # a tie may be the best Optuna reports
+    assert not second.leads(0.4)
+    study.ask()  # a running trial has no value yet: it does not count
+    assert not job(study, storage).leads(0.49)
+
+
+def test_reports_are_at_the_percent_of_training_done(storage):
+    """Trials of 2 and 8 epochs meet at the same steps: each report's step is the percent done."""
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize",
+                                pruner=optuna.pruners.MedianPruner())
+    two, eight = job(study, storage, epochs=2, checks=1), job(study, storage, epochs=8, checks=1)
+    two.report_check(1, 0.5)
+    two.report_epoch(1, {"test_acc": 0.6, "train_loss": 1.0})
+    two.report_epoch(2, {"test_acc": 0.7})
+    for epoch in range(1, 9):
+        eight.report_epoch(epoch, {"test_acc": epoch / 10})
+    values = {t.number: t.intermediate_values for t in study.get_trials()}
+    assert values[two.number] == {25: 0.5, 50: 0.6, 100: 0.7}
+    assert set(values[eight.number]) == {round(100 * 2 * e / 16) for e in range(1, 9)} and 50 in values[eight.number]
+
+
+def test_without_a_pruner_a_trial_makes_no_checks(storage):
+    study = optuna.create_study(study_name="s", storage=storage, pruner=optuna.pruners.NopPruner())
+    assert job(study, storage, checks=3).checks == 0  # checks only feed a pruner
+    pruned = optuna.create_study(study_name="p", storage=storage, pruner=optuna.pruners.MedianPruner())
+    assert job(pruned, storage, checks=3).checks == 3
+
+
+def test_a_pruned_trial_ends_pruned_with_its_last_value(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    stopped = job(study, storage, epochs=4)
+    with pytest.raises(optuna.TrialPruned, match=f"trial {stopped.number} pruned at 25% of its training"):
+        with stopped:
+            stopped.report_epoch(1, {"test_acc": 0.1})
+    assert stopped.prune() == 0.1
+    (record,) = study.get_trials()
+    assert record.state == TrialState.PRUNED and record.value == 0.1  # a pruned trial's exit does not fail it
+
+
+def test_an_error_inside_the_trial_fails_it_and_a_result_completes_it(storage):
+    study = optuna.create_study(study_name="s", storage=storage)
+    crashed, done = job(study, storage), job(study, storage)
+    with pytest.raises(RuntimeError):
+        with crashed:
+            raise RuntimeError("boom")
+    with done:
+        done.attach_run("abc")
+    assert done.complete(0.7) == 0.7
+    states = {t.number: (t.state, t.value, t.user_attrs) for t in study.get_trials()}
+    assert states[crashed.number][0] == TrialState.FAIL
+    assert states[done.number] == (TrialState.COMPLETE, 0.7, {trial.RUN_ID_ATTR: "abc"})
+
+
+def test_joining_names_what_is_wrong_in_one_line(storage, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    number = study.ask().number
+    study.tell(number, 0.5)
+    pruner = optuna.pruners.NopPruner()
+    with pytest.raises(StudyError, match="needs hydra.sweeper.storage"):
+        trial.join("s", number, None, pruner, None, "test_acc", 1, 0)
+    with pytest.raises(StudyError, match="no study 'other'"):
+        trial.join("other", number, url, pruner, None, "test_acc", 1, 0)
+    with pytest.raises(StudyError, match=f"study 's' has no trial {number + 1}"):
+        trial.join("s", number + 1, url, pruner, None, "test_acc", 1, 0)
+    with pytest.raises(StudyError, match=f"trial {number} of study 's' is already COMPLETE"):
+        trial.join("s", number, url, pruner, None, "test_acc", 1, 0)
+
+
+def test_a_run_outside_a_study_has_a_trial_that_asks_nothing(storage):
+    alone = trial.join(None, None, None, None, None, "test_acc", 1, 3)
+    assert isinstance(alone, NoTrial) and alone.checks == 0 and alone.number is None
+    with alone:
+        alone.report_epoch(1, {"test_acc": 0.0})  # no pruner to stop it
+    assert alone.leads(0.0) and alone.complete(0.3) == 0.3  # a run of its own always keeps its model
+
+
+def test_a_trial_beats_while_it_runs_and_goes_stale_once_it_stops(tmp_path):
+    """Its heartbeat is what lets a live worker fail it when its process dies."""
+    import time
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1)
+        study = optuna.create_study(study_name="s", storage=storage)
+        silent, beating = study.ask().number, study.ask().number
+        with JobTrial(study, beating, storage, 1, "test_acc", 1, 0):
+            pass
+        time.sleep(1.5)  # past the grace period
+        optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {silent: TrialState.RUNNING, beating: TrialState.FAIL}  # no beat at all: never stale

@@ -1,0 +1,136 @@
+"""The viewers: make ui and make dashboard print their link and serve on this machine only; make
+serve answers over REST, and a missing champion is one line."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import make_digits
+from mnist_sweep import viewers
+from mnist_sweep.stack import free_port
+from mnist_sweep.config import PROJECT_ROOT
+
+
+def test_the_ui_link_opens_the_configured_experiments_runs(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    client.create_experiment("another")  # so that the id is not the first one by luck
+    experiment_id = client.create_experiment("mnist_sweep")
+    assert viewers.runs_link(tracking_uri, "mnist_sweep", 5000) == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+    assert viewers.runs_link(tracking_uri, "not-there", 5000) is None
+
+
+def test_make_ui_prints_the_link_then_starts_the_ui_on_localhost(tmp_path, monkeypatch, capsys):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    tracking_uri = f"sqlite:///{outputs}/mlflow.db?timeout=60"  # what paths.outputs makes of mlflow.tracking_uri
+    started = []
+    monkeypatch.setattr(viewers.os, "execv", lambda path, argv: started.append(argv))
+
+    assert viewers.main(["ui", f"paths.outputs={outputs}"]) == 0
+    assert capsys.readouterr().out == (
+        "MLflow UI on http://127.0.0.1:5000: no experiment mnist_sweep yet (make run creates it; then reload)\n")
+    experiment_id = MlflowClient(tracking_uri).create_experiment("mnist_sweep")
+    assert viewers.main(["ui", f"paths.outputs={outputs}", "port=5005"]) == 0
+    link = f"http://127.0.0.1:5005/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    assert capsys.readouterr().out == f"MLflow UI, the mnist_sweep runs: {link}\n"
+    for argv in started:  # the UI is started both times, on this machine only
+        assert argv[1:4] == ["-m", "mlflow", "ui"]
+        assert argv[argv.index("--backend-store-uri") + 1] == tracking_uri
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert [argv[argv.index("--port") + 1] for argv in started] == ["5000", "5005"]
+
+
+def test_make_dashboard_serves_the_sweeps_study_storage_on_localhost(tmp_path, monkeypatch, capsys):
+    import optuna_dashboard
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    storage = f"sqlite:///{outputs}/optuna.db?timeout=60"  # hydra.sweeper.storage, under paths.outputs
+    served = []
+
+    def run_server(storage, host, port):
+        served.append((storage, host, port))
+
+    monkeypatch.setattr(optuna_dashboard, "run_server", run_server)
+    assert viewers.main(["dashboard", f"paths.outputs={outputs}"]) == 0
+    assert "no study mnist_sweep yet" in capsys.readouterr().out
+
+    optuna.create_study(study_name="another", storage=storage)
+    study = optuna.create_study(study_name="mnist_sweep", storage=storage)
+    assert viewers.main(["dashboard", f"paths.outputs={outputs}"]) == 0
+    assert capsys.readouterr().out == (
+        f"optuna-dashboard, study mnist_sweep: http://127.0.0.1:8080/dashboard/studies/{study._study_id}\n")
+    assert served == [(storage, "127.0.0.1", 8080)] * 2
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_serve_with_no_champion_is_one_line_not_a_traceback(store_without_champion):
+    # -o: use the venv these tests run in, whatever the age of its install stamp
+    done = subprocess.run(["make", "-s", "-o", ".venv/.installed", "serve",
+                           f"ARGS=mlflow.tracking_uri={store_without_champion.tracking_uri}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    first, *rest = done.stderr.splitlines()
+    assert first.startswith("error: MODEL=models:/mnist-cnn@champion: ") and "Traceback" not in done.stderr
+    assert f"MODEL=runs:/{store_without_champion.latest_run_id}/model" in first
+    # make's own last word; "make[1]:" when the tests themselves run under make (make test)
+    assert all(re.match(r"make(\[\d+\])?: \*\*\*", line) for line in rest), done.stderr
+
+
+def wait_until_ready(server: subprocess.Popen, url: str, log: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    pytest.fail(f"no answer from {url} in {seconds} s:\n{log.read_text()}")
+
+
+@pytest.mark.slow  # starts a real model server
+def test_make_serve_answers_raw_pixels_over_rest_with_the_champion(logged_model, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "mnist_sweep.viewers", "model", "model_uri=models:/mnist-cnn@champion",
+           f"port={port}", f"mlflow.tracking_uri={logged_model.tracking_uri}"]
+    with log.open("w") as out:
+        # a session of its own: uvicorn is the server's child, and both must stop at the end
+        server = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_until_ready(server, f"http://127.0.0.1:{port}/ping", log, seconds=120)
+        images, _ = make_digits(5, seed=4)  # uint8: the JSON holds integers 0-255, as a client sends them
+        body = json.dumps({"inputs": images[:, None].tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = np.array(json.load(response)["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    with torch.inference_mode():
+        want = logged_model.model(torch.from_numpy(images).float().unsqueeze(1)).numpy()
+    assert served.shape == (5, 10)
+    np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-4)
