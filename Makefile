@@ -27,8 +27,11 @@ run: $(STAMP)  ## train the default model and log it to MLflow (ARGS='model=deep
 sweep: $(STAMP)  ## run the default Optuna search (ARGS='hydra.sweeper.n_trials=4')
 	$(PY) -m mnist_sweep -m $(ARGS)
 
-test: $(STAMP)  ## run the test suite (tiny synthetic data, no network)
-	$(PY) -m pytest $(ARGS)
+test: $(STAMP)  ## run the whole test suite on both cores (tiny synthetic data, real servers, no network)
+	$(PY) -m pytest -n 2 --dist loadgroup $(ARGS)
+
+test-fast: $(STAMP)  ## the in-process tests only (no subprocess sweeps or servers): the quick loop
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## time to 99.0% vs the classic PyTorch recipe, overhead, sweep trials/min (QUICK=1: smoke test)
 	$(PY) -m mnist_sweep.bench $(if $(QUICK),--quick) $(ARGS)
@@ -51,4 +54,4 @@ services-stop: $(STAMP)  ## stop what make services started
 screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
 	$(PY) docs/screenshots.py $(ARGS)
 
-.PHONY: help install data run sweep test bench ui dashboard serve services services-stop screenshots
+.PHONY: help install data run sweep test test-fast bench ui dashboard serve services services-stop screenshots

@@ -235,8 +235,8 @@ def raw_dir(root: Path) -> Path:
 
 
 def tensor_file(root: Path) -> Path:
-    """The verified digits parsed once into uint8 tensors: loads in ~0.1 s, where importing
-    torchvision and parsing the IDX files costs ~2 s per run."""
+    """The verified digits parsed once into uint8 tensors: a run loads them at once, where importing
+    torchvision and parsing the IDX files would cost every run seconds."""
     return Path(root) / "MNIST" / "processed" / "mnist-uint8.pt"
 
 

@@ -34,7 +34,7 @@ from mnist_sweep.config import PROJECT_ROOT, split_args
 DEFAULT_ROOT = PROJECT_ROOT / "outputs" / "services"
 ROLE = "mnist_sweep"  # the one database role: owner of both databases, password from PGPASSFILE
 DATABASES = ("optuna", "mlflow")
-MLFLOW_WAIT_S = 60  # the first start creates MLflow's tables: ~8 s on 2 idle cores
+MLFLOW_WAIT_S = 60  # the first start creates MLflow's tables, which takes a while on a busy machine
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ class Split:
 def load(tensor_file: Path, device: torch.device) -> tuple[Split, Split]:
     """Train and test, each as one float tensor of raw pixels plus labels, on ``device``.
 
-    The trials of a one-process sweep share one copy (~80 ms a trial on 2 cores otherwise): training
+    The trials of a one-process sweep share one copy instead of each loading its own: training
     only reads these tensors, and a rewritten file (another inode, size or modification time) loads afresh.
     """
     stat = Path(tensor_file).stat()

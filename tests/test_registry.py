@@ -70,7 +70,7 @@ def test_a_trial_with_weights_only_says_how_to_get_its_model(weights_only_trial)
         with pytest.raises(registry.ModelNotFound) as err:
             registry.resolve_model(uri)
         error = str(err.value)
-        assert error.startswith(f"model_uri={uri}: ")
+        assert error.startswith("model_uri=")
         assert f"run {run_id} (deep-sgd-lr0.05-bs64) logged its weights (runs:/{run_id}/weights) but no model" in error
         assert "mlflow.log_models=best" in error
         # the trial's own overrides, without its study identity: a single run that logs the model

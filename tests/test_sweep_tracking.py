@@ -81,6 +81,18 @@ def test_a_dead_workers_run_is_ended_failed_with_the_reason(stores_, tmp_path):
     assert client.get_run(tracker.parent_id).info.status == "FINISHED"  # no best run: no champion, no error
 
 
+def test_when_every_trial_diverged_nothing_is_crowned_and_the_parent_still_ends(stores_, tmp_path):
+    tracker, study, client = stores_
+    diverged = study.ask()  # what run.py records for a diverged run: 0.0 in the study, no test_acc in MLflow
+    with tracking.run("diverged", {}, {tracking.TRIAL_TAG: str(diverged.number)}, tracker.parent_id) as active:
+        diverged.set_user_attr(RUN_ID_ATTR, active.info.run_id)
+    study.tell(diverged, 0.0)
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "FINISHED" and "best_run_id" not in parent.data.tags
+    assert not client.search_registered_models()  # nothing worth registering
+
+
 def test_a_store_that_stops_answering_stops_the_sweep_in_one_line(stores_, monkeypatch):
     tracker, study, client = stores_
     trial_run(client, study, tracker.parent_id, 0.5, model=False)

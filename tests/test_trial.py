@@ -114,7 +114,7 @@ def test_a_trial_beats_while_it_runs_and_goes_stale_once_it_stops(tmp_path):
         silent, beating = study.ask().number, study.ask().number
         with JobTrial(study, beating, storage, 1, "test_acc", 1, 0):
             pass
-        time.sleep(1.5)  # past the grace period
+        time.sleep(2.5)  # past the grace period (heartbeats are stored to the second)
         optuna.storages.fail_stale_trials(study)
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {silent: TrialState.RUNNING, beating: TrialState.FAIL}  # no beat at all: never stale
