@@ -10,10 +10,11 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	python3.11 -m venv .venv
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# --no-compile: a first import compiles only the modules it uses, not all of torch's
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
 	@# Second step: the sweeper's metadata still pins optuna<3 (whose sqlite storage breaks
 	@# under SQLAlchemy 2); it runs fine on the optuna 4/5 installed above.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'hydra-optuna-sweeper==1.3.0'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps 'hydra-optuna-sweeper==1.3.0'
 	touch $@
 
 install: $(STAMP)  ## create .venv with the project and its dependencies
