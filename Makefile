@@ -52,6 +52,12 @@ services: $(STAMP)  ## start PostgreSQL and an MLflow tracking server on 127.0.0
 services-stop: $(STAMP)  ## stop what make services started
 	$(PY) -m mnist_sweep.stack stop $(ARGS)
 
+slurm: $(STAMP)  ## start a one-node Slurm cluster on 127.0.0.1 (state in outputs/services/slurm); prints the export
+	$(PY) -m mnist_sweep.slurm start $(ARGS)
+
+slurm-stop: $(STAMP)  ## cancel its jobs and stop what make slurm started
+	$(PY) -m mnist_sweep.slurm stop $(ARGS)
+
 screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
 	$(PY) docs/screenshots.py $(ARGS)
 

@@ -7,11 +7,12 @@ cli.defer_collection(__name__)
 
 import hydra  # every import from here on is made with the collector off
 from hydra.core.plugins import Plugins
-from hydra_plugins.mnist_sweep import StudySweeper
+from hydra_plugins.mnist_sweep import SlurmLauncher, StudySweeper
 
 from mnist_sweep import run
 
-Plugins.instance().register(StudySweeper)  # an editable install hides it from Hydra's plugin scan
+for plugin in (StudySweeper, SlurmLauncher):
+    Plugins.instance().register(plugin)  # an editable install hides them from Hydra's plugin scan
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

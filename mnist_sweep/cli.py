@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -45,13 +46,17 @@ def run(tool: Callable[[list[str]], int | None]) -> NoReturn:
 
 
 @contextlib.contextmanager
-def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
+def one_line_errors(*kinds: type[BaseException], writes: Sequence[Path] = ()) -> Iterator[None]:
     """Inside a Hydra job: one of ``kinds`` ends the process with its message as one ``error:``
-    line (the message says what to change), where Hydra would print a traceback."""
+    line (the message says what to change), where Hydra would print a traceback. So does any error
+    a full disk caused, naming the fullest disk among ``writes`` (where the job writes)."""
+    from mnist_sweep import stores  # only now: it imports SQLAlchemy
+
     try:
         yield
     except kinds as err:
-        from mnist_sweep.stores import one_line
-
-        raise SystemExit(f"error: {one_line(err)}") from None
-
+        raise SystemExit(f"error: {stores.one_line(err)}") from None
+    except Exception as err:
+        if not stores.disk_full(err):
+            raise
+        raise SystemExit(f"error: {stores.disk_full_message(writes)}") from None

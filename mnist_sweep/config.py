@@ -1,17 +1,20 @@
 """The config schema, its checks, and where the project keeps its state.
 
 YAML in ``conf/`` fills this schema, so a wrong type (``epochs=abc``) fails at compose time with
-Hydra's message; :func:`validate` adds the range checks a type cannot express.
+Hydra's message; :func:`validate` adds the range checks a type cannot express, and
+:class:`OutputsCheck` checks the folder Hydra writes before it does.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -22,6 +25,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # every run, sweep worker and `make ui` share one MLflow store whatever directory they start in.
 PROJECT_ROOT = CONF_DIR.parent
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Hydra writes a run's config files before the run starts, where no error can be made one line:
+# with less than this free on their disk, the run stops first, with one
+MIN_FREE_MIB = 1
 
 
 @dataclass
@@ -170,6 +176,34 @@ def validate(cfg: DictConfig) -> None:
     for key, ok, allowed in CROSS_RULES:
         if not ok(cfg):
             raise ConfigError(f"{allowed}, got {key}={OmegaConf.select(cfg, key)}")
+
+
+class OutputsCheck(Callback):
+    """``hydra.callbacks.outputs``: make the folder of a run (or a sweep) before Hydra writes there,
+    or end with one ``error:`` line that names it and what to do, where Hydra would print a
+    traceback for each folder above it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        make_output_folder(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        make_output_folder(Path(config.hydra.sweep.dir))
+
+
+def make_output_folder(folder: Path) -> None:
+    """Make ``folder``: one ``error:`` line if it cannot be written (a read-only disk, no
+    permission, a file in the way) or its disk has less than ``MIN_FREE_MIB`` free."""
+    from mnist_sweep import stores  # only now: it imports SQLAlchemy, which the tools reading config skip
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: cannot make the output folder {folder} ({stores.why_unwritable(folder, err)}): "
+                         "set paths.outputs to a folder you can write") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_MIB * 2**20:
+        raise SystemExit(f"error: the disk holding {folder} is full ({free // 2**10} KiB free, a run needs "
+                         f"{MIN_FREE_MIB} MiB to start): free space there, or set paths.outputs to another disk")
 
 
 def describe_rules() -> str:

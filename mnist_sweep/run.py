@@ -23,17 +23,26 @@ log = logging.getLogger("mnist_sweep")
 
 def main(cfg: DictConfig) -> float:
     """Train, evaluate and log one run; return its objective: test accuracy, or validation accuracy
-    with ``data.val_size`` > 0 (0.0 if it diverged; its last reported accuracy if pruned)."""
+    with ``data.val_size`` > 0 (0.0 if it diverged; its last reported accuracy if pruned). A value,
+    store or study it cannot use, or a full disk, ends it with one ``error:`` line instead."""
     hydra_cfg = HydraConfig.get()
+    writes = stores.written(cfg.paths.outputs, cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root,
+                            hydra_cfg.sweeper.get("storage"), hydra_cfg.runtime.output_dir)
+    with one_line_errors(ConfigError, train.DeviceError, data.DataError, trial.StudyError, stores.StoreError,
+                         writes=writes):
+        return train_and_track(cfg, hydra_cfg)
+
+
+def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float:
+    """The run itself, from checking its config to telling its trial the result."""
     objective = registry.selection_metric(cfg.data.val_size > 0)
-    with one_line_errors(ConfigError, train.DeviceError, data.DataError, trial.StudyError, stores.StoreError):
-        validate(cfg)
-        device = train.pick_device(cfg.device)
-        job = join_trial(cfg, hydra_cfg.sweeper, objective)
-        tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
-        tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
-        splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
-                             cfg.data.split_seed, cfg.pruning.check_images)
+    validate(cfg)
+    device = train.pick_device(cfg.device)
+    job = join_trial(cfg, hydra_cfg.sweeper, objective)
+    tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+    tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
+    splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
+                         cfg.data.split_seed, cfg.pruning.check_images)
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     model, optimizer, scheduler, augment = build(cfg, device, len(splits.train))
     record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it

@@ -10,10 +10,14 @@ lock beside the database serialises them. A server store needs no such lock for 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import re
-from collections.abc import Iterator
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sqlalchemy
@@ -22,6 +26,12 @@ from sqlalchemy.pool import NullPool
 
 CONNECT_TIMEOUT_S = 10  # a database server that does not answer: an error after this, not a hang
 ADVISORY_LOCK_KEY = 0x6D6E6973  # "mnis": the one PostgreSQL advisory lock every worker takes
+# What the OS and the databases say when a store's file cannot be used, as (whose code, the code):
+# SQLite's primary result codes, errno values (EEXIST: a folder on the path is a file), SQLSTATEs
+NOT_A_DATABASE = {("sqlite", sqlite3.SQLITE_NOTADB), ("sqlite", sqlite3.SQLITE_CORRUPT)}
+READ_ONLY = {*(("sqlite", code) for code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM)),
+             *(("errno", code) for code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST))}
+DISK_FULL = {("sqlite", sqlite3.SQLITE_FULL), ("errno", errno.ENOSPC), ("sqlstate", "53100")}
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -34,6 +44,11 @@ def sqlite_path(uri: str) -> Path | None:
 
 def is_postgres(uri: str) -> bool:
     return uri.startswith("postgresql")
+
+
+def is_server(uri: str) -> bool:
+    """Whether the MLflow store ``uri`` is a tracking server, which keeps and serves artifacts itself."""
+    return uri.startswith(("http://", "https://"))
 
 
 def engine_kwargs(uri: str) -> dict:
@@ -96,5 +111,92 @@ class Redact(logging.Filter):
 
 
 def one_line(error: BaseException) -> str:
-    """An error's message, redacted, on one line (database drivers and HTTP clients write several)."""
-    return redact(" ".join(str(error).split()))
+    """An error's message, redacted, on one line (database drivers and HTTP clients write several),
+    less what SQLAlchemy appends to its driver's message: the statement, its parameters, a link."""
+    text = str(error).split("\n[SQL: ")[0].split("\n(Background on this error at:")[0]
+    return redact(" ".join(text.split()))
+
+
+@contextlib.contextmanager
+def opening(what: str, uri: str, setting: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Open the store ``uri`` (``what`` it is; ``setting``, the config key that names it) in the
+    block: an error of SQLAlchemy's, the file system's or ``kinds`` becomes a :class:`StoreError`
+    that names the store and what to do, in one line."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (sqlalchemy.exc.SQLAlchemyError, OSError, *kinds) as err:
+        raise StoreError(cannot_open(what, uri, setting, err)) from None
+
+
+def cannot_open(what: str, uri: str, setting: str, error: BaseException) -> str:
+    """Why the store ``uri`` cannot be opened, and what to do, for :func:`opening`."""
+    path, codes, reason = sqlite_path(uri), _codes(error), one_line(error)
+    if codes & DISK_FULL:
+        return disk_full_message([path]) if path else f"{what} {redact(uri)}: its server's disk is full ({reason})"
+    if path and codes & NOT_A_DATABASE:
+        return (f"{what} {path} is not an SQLite database ({reason}): move it away (a new one is made there), "
+                f"or point {setting} at another file")
+    if path and codes & READ_ONLY:
+        return (f"cannot write {what} {path} ({why_unwritable(path, error)}): make it writable, or set "
+                f"paths.outputs (or {setting}) elsewhere")
+    return f"cannot use {what} {redact(uri)}: {reason}"
+
+
+def why_unwritable(path: Path, error: BaseException) -> str:
+    """Why ``path`` could not be written, as ``error`` says, or as a file on the way to it does
+    (the OS says "File exists" or "Not a directory")."""
+    above = _existing(path.parent)
+    return one_line(error) if above.is_dir() else f"{above} is a file, not a folder"
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error``, then the errors it was raised from or while handling, down to what the OS or
+    the database driver said (an error raised ``from None`` ends the chain)."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def _codes(error: BaseException) -> set[tuple[str, int | str]]:
+    """The errno, SQLite result and SQLSTATE codes anywhere in ``error``'s chain, as (whose, code)."""
+    codes = set()
+    for each in causes(error):
+        codes |= {("errno", getattr(each, "errno", None)), ("sqlstate", getattr(each, "sqlstate", None))}
+        if getattr(each, "sqlite_errorcode", None) is not None:  # an extended code's low byte is its primary
+            codes.add(("sqlite", each.sqlite_errorcode & 0xFF))
+    return {(whose, code) for whose, code in codes if code is not None}
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` comes from a write that found its disk full (a file, SQLite, PostgreSQL)."""
+    return bool(_codes(error) & DISK_FULL)
+
+
+def disk_full_message(places: Iterable[str | Path]) -> str:
+    """A full disk, in one line: names the fullest disk among ``places`` (the files and folders
+    a process writes, and the temporary folder) and what to do."""
+    free = {str(place): shutil.disk_usage(_existing(Path(place))).free for place in [*places, tempfile.gettempdir()]}
+    fullest = min(free, key=free.get)  # the first of equals: the caller's first place
+    return (f"the disk holding {fullest} ran out of space ({free[fullest] // 1024} KiB left now): free space "
+            "there, or set paths.outputs to another disk, then run the same command again; what finished is kept")
+
+
+def written(*where: str | None) -> list[Path]:
+    """The local files and folders among ``where``: paths, and store URIs (only sqlite ones are
+    local; a server, an unset store, a scheme's URI are not)."""
+    places = []
+    for place in where:
+        if place and place.startswith("sqlite:"):
+            places.append(sqlite_path(place))
+        elif place and not re.match(r"^[a-z][a-z0-9+.-]*:", place):
+            places.append(Path(place))
+    return [place for place in places if place is not None]
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or the nearest folder above it that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from mnist_sweep import stores, tracking
 from mnist_sweep.registry import promote, selection_metric
 from mnist_sweep.tracking import GRID_TAG, STUDY_TAG, TRIAL_TAG
-from mnist_sweep.trial import PARENT_ATTR, RUN_ID_ATTR
+from mnist_sweep.trial import FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,17 @@ def study_parent(client: MlflowClient, experiment_id: str, study: optuna.Study, 
 
 
 def end_orphaned_runs(client: MlflowClient, study: optuna.Study) -> None:
-    """End FAILED the runs of trials whose worker died: the study failed the trial (no heartbeat),
-    but nobody was left to end its run."""
+    """End FAILED the runs of trials whose worker died or whose job was ended (cancelled, out of
+    time): the study failed the trial, but nobody was left to end its run. The tag says why."""
     for trial in study.get_trials(deepcopy=False, states=[TrialState.FAIL]):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id is None or client.get_run(run_id).info.status != "RUNNING":
             continue
-        client.set_tag(run_id, FAILURE_TAG, "its worker stopped mid-trial (no heartbeat): the study failed the trial")
+        why = trial.user_attrs.get(FAILURE_ATTR,
+                                   "its worker stopped mid-trial (no heartbeat): the study failed the trial")
+        client.set_tag(run_id, FAILURE_TAG, why)
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        log.warning("trial %d: its worker died; run %s ended FAILED", trial.number, run_id)
+        log.warning("trial %d: %s; run %s ended FAILED", trial.number, why, run_id)
 
 
 def best_run(client: MlflowClient, study: optuna.Study) -> Run | None:

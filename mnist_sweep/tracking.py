@@ -45,11 +45,14 @@ GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its job
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
 # What MLflow raises when its store does not answer: its own error, or the HTTP client's
 LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
+# MLflow's sqlite store logs a database error with its traceback, then raises it: whoever catches
+# it reports it once, in one line (a full disk would otherwise print each traceback twice)
+logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: record.exc_info is None)
 
 
 def bound_http(retries: int, timeout: int) -> None:
     """Bound MLflow's HTTP retries for this process: by default a tracking server that is down
-    costs 7 retries with exponential backoff (~4 min) before the first error."""
+    costs 7 retries with exponential backoff (minutes) before the first error."""
     os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(retries)
     os.environ[MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name] = "1"  # 1 s, 2 s, 4 s… between retries
     os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(timeout)
@@ -60,18 +63,23 @@ def use_store(tracking_uri: str, experiment: str, artifact_root: str | None) -> 
     be reached is a :class:`stores.StoreError`, before any run starts.
 
     A new experiment in an embedded store keeps its artifacts under ``artifact_root``: without it
-    MLflow would write them to ``./mlruns`` in whatever directory the run started. With a tracking
-    server (``artifact_root`` null) the server chooses: its ``mlflow-artifacts:`` root, served to
-    every machine.
+    MLflow would write them to ``./mlruns`` in whatever directory the run started. A tracking
+    server chooses, whatever ``artifact_root`` says: its ``mlflow-artifacts:`` root, served to every
+    machine (a folder on this one would hold models no other worker can load).
     """
     mlflow.set_tracking_uri(tracking_uri)
     if stores.redact(tracking_uri) != tracking_uri:  # MLflow prints each run's link, password and all
         os.environ[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
-    try:
-        with stores.lock(tracking_uri):  # a new sqlite store's schema migration must not run twice at once
-            found = mlflow.get_experiment_by_name(experiment) or _create_experiment(experiment, artifact_root)
-    except (mlflow.exceptions.MlflowException, requests.RequestException) as err:
-        raise stores.StoreError(f"cannot use the MLflow store {stores.redact(tracking_uri)}: {stores.one_line(err)}") from None
+    server = stores.is_server(tracking_uri)
+    # a new sqlite store's schema migration must not run twice at once: the lock
+    with stores.opening("the MLflow store", tracking_uri, "mlflow.tracking_uri", *LOST), stores.lock(tracking_uri):
+        found = mlflow.get_experiment_by_name(experiment) or _create_experiment(
+            experiment, None if server else artifact_root)
+    if server and found.artifact_location.startswith("file:"):
+        raise stores.StoreError(
+            f"experiment {experiment!r} on the tracking server {stores.redact(tracking_uri)} keeps its artifacts "
+            f"in {found.artifact_location}, on one machine only: name a new mlflow.experiment, whose artifacts "
+            "go through the server")
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 
@@ -123,7 +131,8 @@ def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_ru
 class Recorder:
     """Logs to the active run until the tracking store stops answering, then drops the rest of
     the run's records (each call would wait out its retries) so that training goes on and the
-    trial's result still reaches the study. ``lost`` says what failed first (None: nothing)."""
+    trial's result still reaches the study. ``lost`` says what failed first (None: nothing).
+    A full disk is raised: nothing more could be written, not even the run's model."""
 
     def __init__(self) -> None:
         self.lost: str | None = None
@@ -134,6 +143,8 @@ class Recorder:
         try:
             record(*args)
         except LOST as err:
+            if stores.disk_full(err):
+                raise
             self.lost = f"{record.__name__}: {stores.one_line(err)}"
             log.error("MLflow stopped answering (%s): this run records nothing more; training goes on", self.lost)
 
@@ -185,8 +196,8 @@ def source_tags(command: str) -> dict[str, str]:
 
 def log_datasets(infos: Sequence[DatasetInfo]) -> None:
     """The active run's data as MLflow dataset inputs (name, digest, source, context): the runs
-    table's Dataset column. Metadata only, in one call: ~4 ms a run, where ``mlflow.data.from_numpy``
-    on the 70,000 images costs ~25 ms (~0.1 s the first time) and digests a sample of rows, not
+    table's Dataset column. Metadata only, in one call, where ``mlflow.data.from_numpy`` on the
+    70,000 images would cost more each run and digest a sample of rows, not
     the canonical bytes."""
     datasets = [MetaDataset(_dataset_source(info.source), name=info.name, digest=info.digest) for info in infos]
     mlflow.log_inputs(datasets, contexts=[info.context for info in infos], tags_list=[None] * len(infos))
@@ -244,8 +255,8 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
     """The model for serving and reuse: float32 (n, 1, 28, 28) raw pixels → (n, 10) class scores.
 
     "pt2" (torch.export) loads without running a pickle and without this package or the model
-    class: what a served or shared model should be. It costs ~1.3 s per process (importing the
-    exporter), where "pickle" costs ~0.01 s but unpickles code at load and needs mnist_sweep.
+    class: what a served or shared model should be. It costs more to write (the exporter is a heavy
+    import; docs/benchmark.md), where "pickle" is fast but unpickles code at load and needs mnist_sweep.
     """
     with torch.inference_mode():
         scores = model(torch.from_numpy(example)).numpy()

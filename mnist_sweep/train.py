@@ -52,8 +52,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int, parallel_workers: int) -> int:
-    """Torch CPU threads: ``threads``, or with 0 the cores split among parallel sweep workers."""
-    n = threads or max(1, (os.cpu_count() or 1) // parallel_workers)
+    """Torch CPU threads: ``threads``, or with 0 the cores this process may use (a Slurm job's
+    allocation, not the whole node) split among parallel sweep workers."""
+    n = threads or max(1, len(os.sched_getaffinity(0)) // parallel_workers)
     torch.set_num_threads(n)
     return n
 

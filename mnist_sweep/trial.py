@@ -10,49 +10,86 @@ its process and its sweeper record heartbeats, so a live worker can fail the tri
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 import threading
 import warnings
 from collections.abc import Iterable
 from types import TracebackType
 
 import optuna
-import sqlalchemy
 from optuna.trial import TrialState
 
 from mnist_sweep import stores
 
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run that trained it
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
+FAILURE_ATTR = "failure"  # trial user attribute: why it failed, where its job could not say (it was ended)
+WORKER_ATTR = "worker"  # trial user attribute: the host and process id of the job that runs it
 
 
 class StudyError(RuntimeError):
     """The study or trial a job was handed cannot be used; the message says why."""
 
 
+class JobEnded(RuntimeError):
+    """A scheduler ended a trial's job before the job could tell its trial (cancelled, out of
+    time, its node lost); the message says why. The launcher returns it as the job's failure."""
+
+
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int = 0) -> optuna.storages.RDBStorage:
     """The study's database. With ``heartbeat_interval``, a trial whose heartbeat is older than
     ``grace_period`` seconds is failed by the next worker, and re-queued up to ``max_retry`` times."""
-    with stores.lock(url), warnings.catch_warnings():
+    with stores.opening("the study's database", url, "optuna.storage"), stores.lock(url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since 2.9
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=stores.engine_kwargs(url),
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=(
-                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry) if max_retry else None
-                ),
-            )
-        except sqlalchemy.exc.OperationalError as err:
-            raise stores.StoreError(f"cannot reach the study's database {stores.redact(url)}: "
-                                    f"{stores.one_line(err.orig)}") from None
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=stores.engine_kwargs(url),
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=functools.partial(requeue, max_retry=max_retry) if max_retry else None,
+        )
+
+
+def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial, max_retry: int) -> None:
+    """Queue a failed trial's params again, at most ``max_retry`` times for one set of params,
+    with Optuna's retry history (``failed_trial``, ``retry_history``). Optuna's own
+    RetryHeartbeatStaleTrialCallback cannot here: it records the params again with Optuna's current
+    distribution classes, and the study holds hydra-optuna-sweeper's (optuna 2's). The retry is
+    asked as an enqueued trial is: its params fixed, suggested with the sweeper's distributions."""
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    if len(history) > max_retry:
+        return
+    attrs = {"fixed_params": failed.params, "failed_trial": history[0], "retry_history": history}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=attrs))
 
 
 def trial_id(trial: optuna.trial.BaseTrial) -> int:
     # Optuna keeps a trial's storage id private; heartbeats and storage reads are keyed by it.
     return trial._trial_id  # type: ignore[attr-defined]
+
+
+def this_worker() -> dict[str, str | int]:
+    """This process, as a trial records the job that runs it (:data:`WORKER_ATTR`)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def worker_gone(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the job that ran ``trial`` ran on this host and its process is gone (killed, crashed):
+    a worker on the same host knows at once, where one elsewhere waits for the heartbeat to go stale.
+    A host name is taken to name one machine; a reused process id only delays this to the heartbeat."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(worker["pid"], 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        pass
+    return False
 
 
 class Heartbeat:
@@ -103,6 +140,8 @@ class JobTrial:
         self.study, self.number, self.study_name = study, number, study.study_name
         self.trial = optuna.trial.Trial(study, trial_id(found[0]))
         self.heartbeat = Heartbeat(storage, [trial_id(found[0])], heartbeat_interval)
+        if found[0].user_attrs.get(WORKER_ATTR) != this_worker():  # a job in its sweeper's process: already there
+            storage.set_trial_user_attr(trial_id(found[0]), WORKER_ATTR, this_worker())
         self.objective, self.epochs = objective, epochs
         # intermediate checks only feed a pruner: without one they would cost time for nothing
         self.checks = 0 if isinstance(study.pruner, optuna.pruners.NopPruner) else checks_per_epoch

@@ -8,18 +8,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from mnist_sweep import data, registry, stack, tensors, tracking, train
+from mnist_sweep import data, registry, slurm, stack, tensors, tracking, train
 from mnist_sweep.config import CONF_DIR, PROJECT_ROOT
 from mnist_sweep.model import ConvNet
 
@@ -149,7 +150,7 @@ def store_without_champion(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
-def services() -> Iterator[stack.Stack]:
+def local_stack() -> Iterator[stack.Stack]:
     """A real PostgreSQL and ``mlflow server`` on free loopback ports, their data in a temporary
     root, stopped at the end. Without PostgreSQL's programs: skipped, but failed under CI=true."""
     try:
@@ -160,10 +161,104 @@ def services() -> Iterator[stack.Stack]:
         pytest.skip(str(err))
     # Not under pytest's tmp_path: as root, PostgreSQL runs as the user postgres, who cannot enter
     # /tmp/pytest-of-root (mode 700). 711: others may pass through to the data, not list or read.
-    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-services-"))
+    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-stack-"))
     root.chmod(0o711)
     try:
         yield stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
     finally:
         stack.stop(root)
         shutil.rmtree(root)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[slurm.Cluster]:
+    """A real single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd) on free loopback
+    ports, its state in a temporary root, stopped at the end. Without Slurm's programs: skipped, but
+    failed under CI=true (.ci/run installs them)."""
+    try:
+        slurm.programs()
+    except FileNotFoundError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{err} (CI runs the tests against a real Slurm)")
+        pytest.skip(str(err))
+    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-slurm-"))
+    root.chmod(0o711)  # munged wants its socket reachable by every user, through every folder above it
+    try:
+        yield slurm.start(root, slurm.Ports(*(stack.free_port() for _ in slurm.Ports._fields)))
+    finally:
+        slurm.stop(root)
+        shutil.rmtree(root)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Callable[..., Path]]:
+    """``small_disk(size, read_only=False)``: a folder on a disk of its own (tmpfs) of ``size``
+    (``mount``'s syntax: "8m"), to fill up or make read-only as a user's disk is, unmounted at the
+    end. Mounting needs root: skipped without it."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small disk here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:  # lazily: an MLflow client of the test may still hold its database open
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> str:
+    """The process failed with one ``error:`` line as its last, holding ``words``, and no traceback."""
+    assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(word in last for word in words), (last, words)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    return last
+
+
+def ended_pid() -> int:
+    """The id of a process that has ended (and been reaped), as a killed worker's is."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+# --------------------------------------------------------------------------- sweeps as a user starts them
+
+FINISHED = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m mnist_sweep args``, as a worker a user starts, with ``env`` added to the environment."""
+    return subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=PROJECT_ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def server_args(overrides: list[str], name: str) -> list[str]:
+    """The test's overrides, on the shared stores: the study and experiment named ``name``."""
+    return [*overrides, "stores=server", f"hydra.sweeper.study_name={name}", f"mlflow.experiment={name}"]
+
+
+def load_study(local_stack, name: str) -> optuna.Study:
+    os.environ["PGPASSFILE"] = str(local_stack.pgpass)  # what libpq reads for the password
+    return optuna.load_study(study_name=name, storage=local_stack.optuna_storage)
+
+
+def study_runs(local_stack, name: str) -> tuple[MlflowClient, list, list]:
+    """The tracking server's client, the study's parent runs and its children."""
+    client = MlflowClient(local_stack.tracking_uri)
+    everything = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    parents = [r for r in everything if "mlflow.parentRunId" not in r.data.tags]
+    return client, parents, [r for r in everything if "mlflow.parentRunId" in r.data.tags]

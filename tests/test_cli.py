@@ -1,6 +1,7 @@
 """What every command-line tool shares: one ``error:`` line and its exit status, and the process's
 collector policy (off while importing, frozen imports, on while it works)."""
 
+import errno
 import gc
 import subprocess
 import sys
@@ -48,6 +49,17 @@ def test_inside_a_hydra_job_the_named_errors_become_one_line_and_others_pass():
     with pytest.raises(KeyError):  # a bug keeps its traceback
         with cli.one_line_errors(ValueError):
             raise KeyError("x")
+
+
+def test_inside_a_hydra_job_any_error_a_full_disk_caused_is_one_line_naming_the_disk(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        with cli.one_line_errors(ValueError, writes=[tmp_path]):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as err:
+                raise RuntimeError("could not save the weights") from err  # as a library wraps it
+    assert str(exit_.value).startswith(f"error: the disk holding {tmp_path} ran out of space")
+    assert "\n" not in str(exit_.value)
 
 
 def test_collection_is_deferred_only_when_the_module_is_the_program():

@@ -2,6 +2,7 @@
 --help lists them all."""
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
-from conftest import compose_with, options
+from conftest import assert_one_line_error, compose_with, options, run_cli
+from mnist_sweep import config
 from mnist_sweep.config import CONF_DIR, RULES, ConfigError, describe_rules, validate
 from mnist_sweep.model import ConvNet
 
@@ -147,3 +149,31 @@ def test_help_lists_every_rule_from_their_one_home(capsys):
     footer = cfg.hydra.help.footer
     assert all(line.replace("$", "$$") in footer for line in listed)
     assert "mlflow.tracking_uri         set (stores=server reads it from $$MLFLOW_TRACKING_URI)" in footer
+
+
+def test_the_output_folder_is_made_before_hydra_writes_there_or_its_fault_is_one_line(tmp_path, monkeypatch):
+    config.make_output_folder(tmp_path / "outputs" / "runs" / "1")
+    assert (tmp_path / "outputs" / "runs" / "1").is_dir()
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        config.make_output_folder(in_the_way / "runs")
+    assert str(exit_.value) == (f"error: cannot make the output folder {in_the_way / 'runs'} ({in_the_way} is a "
+                                "file, not a folder): set paths.outputs to a folder you can write")
+    monkeypatch.setattr(config.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**19))
+    with pytest.raises(SystemExit, match=r"^error: the disk holding .+ is full \(512 KiB free, a run needs 1 MiB"):
+        config.make_output_folder(tmp_path / "outputs")
+
+
+@pytest.mark.slow  # four processes
+@pytest.mark.parametrize("where", ["a file in the way", "a read-only disk"])
+def test_outputs_that_cannot_be_written_are_one_line_for_a_run_and_a_sweep(overrides, tmp_path, small_disk, where):
+    if where == "a file in the way":
+        (tmp_path / "notes.txt").write_text("")
+        outputs, why = tmp_path / "notes.txt" / "outputs", "is a file, not a folder"
+    else:
+        outputs, why = small_disk("1m", read_only=True) / "outputs", "Read-only file system"
+    for mode in ([], ["-m"]):
+        done = run_cli("mnist_sweep", *mode, *overrides, f"paths.outputs={outputs}")
+        assert_one_line_error(done, f"cannot make the output folder {outputs}", why, "set paths.outputs")
+        assert done.stdout == ""  # nothing began

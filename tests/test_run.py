@@ -1,8 +1,10 @@
 """The core run end to end on the tiny data: what lands in MLflow, and how a run ends."""
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 
 import mlflow
 import numpy as np
@@ -12,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from conftest import only_run, run_cli, store
+from conftest import assert_one_line_error, only_run, run_cli, store
 from mnist_sweep import data, tensors, tracking
 from mnist_sweep.config import CONF_DIR
 from mnist_sweep.run import main
@@ -46,7 +48,7 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     assert "optim.lr=0.05" in run.data.tags["hydra.overrides"]
     assert run.data.tags["hydra.output_dir"].startswith(str(tmp_path / "outputs" / "runs"))
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
-    assert run.data.tags["torch.threads"] == str(os.cpu_count())  # threads=0, one process: every core
+    assert run.data.tags["torch.threads"] == str(len(os.sched_getaffinity(0)))  # threads=0, one process: every core
     assert run.data.tags["mlflow.source.name"] == "python -m mnist_sweep"  # the runs table's Source column
     assert run.data.tags["mlflow.source.type"] == "LOCAL"
 
@@ -155,3 +157,36 @@ def test_a_validation_split_as_big_as_the_training_set_is_one_line(overrides, tm
     with pytest.raises(SystemExit) as exit_:
         run_in_process([*overrides, "data.val_size=320"], tmp_path / "run")
     assert str(exit_.value) == "error: data.val_size=320 must leave training images: the training split has 320"
+
+
+def statuses(client) -> list[str]:
+    runs = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id],
+                              order_by=["attributes.start_time"])
+    return [run.info.status for run in runs]
+
+
+def test_a_disk_that_fills_up_during_a_run_is_one_line_and_the_runs_before_are_kept(overrides, tmp_path,
+                                                                                   monkeypatch):
+    run_in_process([*overrides, "mlflow.model_format=null"], tmp_path / "first")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlflow, "log_artifact", no_space)  # the weights' copy into the artifact store
+    with pytest.raises(SystemExit) as exit_:
+        run_in_process([*overrides, "mlflow.model_format=null"], tmp_path / "second")
+    assert str(exit_.value).startswith(f"error: the disk holding {tmp_path / 'outputs'} ran out of space")
+    assert "\n" not in str(exit_.value)
+    assert statuses(store(tmp_path)) == ["FINISHED", "FAILED"]
+
+
+@pytest.mark.slow  # a disk of its own, filled up
+def test_a_run_that_fills_its_disk_says_so_in_one_line_as_a_user_meets_it(overrides, small_disk):
+    outputs = small_disk("8m") / "outputs"
+    args = [*overrides, f"paths.outputs={outputs}"]
+    assert run_cli("mnist_sweep", *args).returncode == 0
+    left = 1300 * 1024  # enough to start a run (config.MIN_FREE_MIB), not to keep a wide model
+    (outputs.parent / "filler").write_bytes(bytes(shutil.disk_usage(outputs).free - left))
+    done = run_cli("mnist_sweep", *args, "model=deep", "model.channels=[64,256]")
+    assert_one_line_error(done, f"the disk holding {outputs} ran out of space", "free space there")
+    assert statuses(mlflow.MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")) == ["FINISHED", "FAILED"]

@@ -1,5 +1,6 @@
-"""make services: a real PostgreSQL and a real ``mlflow server`` (the ``services`` fixture), used
-as a worker uses them, from another directory, with the password only in the pgpass file."""
+"""make services, the local stack: a real PostgreSQL and a real ``mlflow server`` (the
+``local_stack`` fixture), used as a worker uses them, from another directory, with the password
+only in the pgpass file."""
 
 import socket
 import uuid
@@ -21,28 +22,28 @@ def objective(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", 0.0, 1.0)
 
 
-def test_postgres_admits_the_role_through_pgpass_only(services, monkeypatch, tmp_path):
-    assert services.pgpass.stat().st_mode & 0o777 == 0o600  # libpq ignores a file others can read
-    assert all(services.password not in uri for uri in services.env().values())
-    monkeypatch.setenv("PGPASSFILE", str(services.pgpass))
-    name = f"services-{uuid.uuid4().hex[:8]}"
-    optuna.create_study(storage=services.optuna_storage, study_name=name).optimize(objective, n_trials=2)
-    assert len(optuna.load_study(study_name=name, storage=services.optuna_storage).trials) == 2
+def test_postgres_admits_the_role_through_pgpass_only(local_stack, monkeypatch, tmp_path):
+    assert local_stack.pgpass.stat().st_mode & 0o777 == 0o600  # libpq ignores a file others can read
+    assert all(local_stack.password not in uri for uri in local_stack.env().values())
+    monkeypatch.setenv("PGPASSFILE", str(local_stack.pgpass))
+    name = f"stack-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(storage=local_stack.optuna_storage, study_name=name).optimize(objective, n_trials=2)
+    assert len(optuna.load_study(study_name=name, storage=local_stack.optuna_storage).trials) == 2
 
-    server = {"host": services.host, "port": services.pg_port, "user": ROLE, "dbname": "optuna"}
+    server = {"host": local_stack.host, "port": local_stack.pg_port, "user": ROLE, "dbname": "optuna"}
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-        psycopg.connect(**server, password="not-" + services.password)
+        psycopg.connect(**server, password="not-" + local_stack.password)
     with pytest.raises(psycopg.OperationalError, match="no password supplied"):
         psycopg.connect(**server, passfile=str(tmp_path / "no-such-pgpass"))
 
 
-def test_the_tracking_server_keeps_runs_in_postgres_and_serves_their_artifacts(services, monkeypatch, tmp_path):
+def test_the_tracking_server_keeps_runs_in_postgres_and_serves_their_artifacts(local_stack, monkeypatch, tmp_path):
     worker, reader = tmp_path / "worker", tmp_path / "reader"
     worker.mkdir()
     reader.mkdir()
     monkeypatch.chdir(worker)  # a local artifact store would land here
-    client = MlflowClient(services.tracking_uri)
-    name = f"services-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(local_stack.tracking_uri)
+    name = f"stack-{uuid.uuid4().hex[:8]}"
     experiment = client.get_experiment(client.create_experiment(name))
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     run = client.create_run(experiment.experiment_id)
@@ -50,29 +51,29 @@ def test_the_tracking_server_keeps_runs_in_postgres_and_serves_their_artifacts(s
     client.set_terminated(run.info.run_id)
     assert list(worker.iterdir()) == []
 
-    stored = list((services.root / "mlartifacts").rglob("digit.txt"))
+    stored = list((local_stack.root / "mlartifacts").rglob("digit.txt"))
     assert [path.read_text() for path in stored] == ["seven"]  # in the server's artifact root
-    with psycopg.connect(host=services.host, port=services.pg_port, user=ROLE, dbname="mlflow",
-                         passfile=str(services.pgpass)) as conn:
+    with psycopg.connect(host=local_stack.host, port=local_stack.pg_port, user=ROLE, dbname="mlflow",
+                         passfile=str(local_stack.pgpass)) as conn:
         assert conn.execute("SELECT artifact_location FROM experiments WHERE name = %s",
                             (name,)).fetchone() == (experiment.artifact_location,)
 
     monkeypatch.chdir(reader)  # another machine's worker, as far as paths go
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="notes/digit.txt",
-                                                dst_path=str(reader), tracking_uri=services.tracking_uri)
+                                                dst_path=str(reader), tracking_uri=local_stack.tracking_uri)
     assert Path(local).read_text() == "seven"
 
 
-def test_a_second_start_returns_the_running_services(services):
-    pid = (services.root / "mlflow.pid").read_text()
-    assert start(services.root, pg_port=1, mlflow_port=2) == services  # the ports they run on, not these
-    assert (services.root / "mlflow.pid").read_text() == pid
+def test_a_second_start_returns_the_running_stack(local_stack):
+    pid = (local_stack.root / "mlflow.pid").read_text()
+    assert start(local_stack.root, pg_port=1, mlflow_port=2) == local_stack  # the ports they run on, not these
+    assert (local_stack.root / "mlflow.pid").read_text() == pid
 
-    done = run_cli("mnist_sweep.stack", "start", f"root={services.root}", timeout=120)
+    done = run_cli("mnist_sweep.stack", "start", f"root={local_stack.root}", timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"OPTUNA_STORAGE={services.optuna_storage}" in done.stdout
-    assert f"MLFLOW_TRACKING_URI={services.tracking_uri}" in done.stdout
-    assert services.password not in done.stdout + done.stderr
+    assert f"OPTUNA_STORAGE={local_stack.optuna_storage}" in done.stdout
+    assert f"MLFLOW_TRACKING_URI={local_stack.tracking_uri}" in done.stdout
+    assert local_stack.password not in done.stdout + done.stderr
 
 
 def refused(host: str, port: int) -> bool:
@@ -83,16 +84,16 @@ def refused(host: str, port: int) -> bool:
     return False
 
 
-def test_stop_stops_both_and_start_resumes_their_data(services, monkeypatch):
+def test_stop_stops_both_and_start_resumes_their_data(local_stack, monkeypatch):
     """Last: it stops the session's servers, then starts them again on the same ports."""
-    monkeypatch.setenv("PGPASSFILE", str(services.pgpass))
-    name = f"services-{uuid.uuid4().hex[:8]}"
-    optuna.create_study(storage=services.optuna_storage, study_name=name).optimize(objective, n_trials=1)
+    monkeypatch.setenv("PGPASSFILE", str(local_stack.pgpass))
+    name = f"stack-{uuid.uuid4().hex[:8]}"
+    optuna.create_study(storage=local_stack.optuna_storage, study_name=name).optimize(objective, n_trials=1)
 
-    stop(services.root)
-    assert refused(services.host, services.pg_port)
-    assert refused(services.host, services.mlflow_port)
-    stop(services.root)  # nothing runs: nothing to do
+    stop(local_stack.root)
+    assert refused(local_stack.host, local_stack.pg_port)
+    assert refused(local_stack.host, local_stack.mlflow_port)
+    stop(local_stack.root)  # nothing runs: nothing to do
 
-    assert start(services.root, pg_port=services.pg_port, mlflow_port=services.mlflow_port) == services
-    assert len(optuna.load_study(study_name=name, storage=services.optuna_storage).trials) == 1
+    assert start(local_stack.root, pg_port=local_stack.pg_port, mlflow_port=local_stack.mlflow_port) == local_stack
+    assert len(optuna.load_study(study_name=name, storage=local_stack.optuna_storage).trials) == 1

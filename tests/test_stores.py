@@ -1,15 +1,20 @@
-"""The stores without a server: password redaction in any text and log line, the stores group, and
-the lock that serialises what must not race on a store."""
+"""The stores without a server: password redaction in any text and log line, the stores group, the
+lock that serialises what must not race on a store, and what a user reads when a store's file or
+disk fails."""
 
+import errno
 import logging
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import sqlalchemy
 
-from mnist_sweep import stores
+from mnist_sweep import stores, tracking, trial
 from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.stack import free_port
 from mnist_sweep.config import compose
@@ -86,3 +91,87 @@ def test_stores_server_without_its_environment_says_what_to_set(overrides):
                               cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stderr.strip().splitlines()[-1].startswith("error:") and variable in done.stderr
+
+
+def sqlite_full_error() -> sqlalchemy.exc.OperationalError:
+    """What SQLite raises when its disk is full, for real: a database capped at two pages."""
+    with sqlalchemy.create_engine("sqlite://").connect() as connection:
+        connection.execute(sqlalchemy.text("CREATE TABLE t (x)"))
+        connection.execute(sqlalchemy.text("PRAGMA max_page_count = 2"))
+        with pytest.raises(sqlalchemy.exc.OperationalError) as full:
+            for _ in range(100):
+                connection.execute(sqlalchemy.text("INSERT INTO t VALUES (:x)"), {"x": "x" * 1000})
+    return full.value
+
+
+def raising(error: BaseException):
+    def action():
+        raise error
+    return action
+
+
+def test_a_full_disk_is_told_apart_however_deep_it_was_raised():
+    full = sqlite_full_error()
+    try:
+        raise RuntimeError("the storage failed") from full  # as Optuna and MLflow wrap it
+    except RuntimeError as wrapped:
+        assert stores.disk_full(wrapped)
+    assert stores.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not stores.disk_full(OSError(errno.EACCES, "Permission denied"))  # 13, as SQLITE_FULL: not mixed up
+    assert not stores.disk_full(ValueError("nothing to do with a disk"))
+    assert stores.one_line(full) == "(sqlite3.OperationalError) database or disk is full"  # no SQL, no parameters
+
+
+def opened(uri: str, action) -> str:
+    with pytest.raises(stores.StoreError) as error:
+        with stores.opening("the study's database", uri, "optuna.storage"):
+            action()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_a_store_file_that_cannot_be_used_is_one_line_naming_it_and_what_to_do(tmp_path):
+    text = tmp_path / "optuna.db"
+    text.write_text("notes, not a database")
+    uri = f"sqlite:///{text}"
+
+    def query():
+        sqlalchemy.create_engine(uri).connect().execute(sqlalchemy.text("SELECT * FROM sqlite_master"))
+
+    assert opened(uri, query) == (f"the study's database {text} is not an SQLite database ((sqlite3.DatabaseError) "
+                                  "file is not a database): move it away (a new one is made there), or point "
+                                  "optuna.storage at another file")
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("")
+    uri = f"sqlite:///{in_the_way / 'optuna.db'}"
+    assert f"({in_the_way} is a file, not a folder): make it writable, or set paths.outputs (or optuna.storage)" \
+        in opened(uri, lambda: stores.lock(uri).__enter__())
+    theirs = tmp_path / "theirs.db"
+    uri = f"sqlite:///{theirs}"  # as root no file refuses a write: the error is what another user meets
+    refused = PermissionError(errno.EACCES, "Permission denied", f"{theirs}.lock")
+    assert opened(uri, raising(refused)).startswith(f"cannot write the study's database {theirs} ([Errno 13] "
+                                                    "Permission denied")
+    assert opened(uri, raising(sqlite_full_error())).startswith(f"the disk holding {theirs} ran out of space")
+
+
+def test_the_study_and_the_mlflow_store_say_so_the_same_way(tmp_path):
+    text = tmp_path / "outputs.db"
+    text.write_text("notes, not a database")
+    for what, open_it in {"the study's database": lambda uri: trial.open_storage(uri),
+                          "the MLflow store": lambda uri: tracking.use_store(uri, "x", str(tmp_path / "art"))}.items():
+        with pytest.raises(stores.StoreError, match=f"^{what} {text} is not an SQLite database"):
+            open_it(f"sqlite:///{text}")
+    assert text.read_text() == "notes, not a database"  # nothing written over it
+
+
+def test_a_full_disk_names_the_fullest_of_the_places_written(tmp_path, monkeypatch):
+    roomy, full = tmp_path / "outputs", tmp_path / "other-disk" / "mlflow.db"
+    roomy.mkdir()
+    full.parent.mkdir()
+    free = {full.parent: 4096}
+    monkeypatch.setattr(stores.shutil, "disk_usage", lambda path: SimpleNamespace(free=free.get(Path(path), 10**9)))
+    assert stores.disk_full_message([roomy, full]) == (
+        f"the disk holding {full} ran out of space (4 KiB left now): free space there, or set paths.outputs to "
+        "another disk, then run the same command again; what finished is kept")
+    assert stores.written(str(roomy), "sqlite:////srv/mlflow.db?timeout=60", "http://host:5000", None,
+                          "postgresql+psycopg://db/optuna", "mlflow-artifacts:/") == [roomy, Path("/srv/mlflow.db")]

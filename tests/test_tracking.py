@@ -1,6 +1,9 @@
 """Recording runs in MLflow, without training: the store, bounded HTTP retries, a run that always
 ends, a recorder that outlives its store."""
 
+import errno
+import uuid
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -36,6 +39,18 @@ def test_a_recorder_stops_recording_after_the_store_fails_and_says_what_failed()
     assert record.lost.startswith("log_epoch: ") and "connection refused" in record.lost and "pw" not in record.lost
 
 
+def test_a_recorder_does_not_outlive_a_full_disk():
+    def log_epoch(epoch):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise mlflow.exceptions.MlflowException("database or disk is full") from err
+
+    record = tracking.Recorder()
+    with pytest.raises(mlflow.exceptions.MlflowException):  # nothing more can be written: the run stops
+        record(log_epoch, 1)
+
+
 def test_artifacts_go_where_the_store_says_unless_an_artifact_root_is_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -62,3 +77,21 @@ def test_interrupted_run_ends_killed(tmp_path):
         with tracking.run("interrupted", {}, {}):
             raise KeyboardInterrupt
     assert only_run(MlflowClient()).info.status == "KILLED"
+
+
+@pytest.mark.slow  # the real MLflow server (the local_stack fixture)
+def test_a_tracking_server_keeps_artifacts_itself_whatever_artifact_root_says(local_stack, tmp_path, monkeypatch):
+    """mlflow.tracking_uri=http://… with the default stores=local: the local artifact_root means
+    nothing there, or every model would sit on the first worker's disk."""
+    monkeypatch.chdir(tmp_path)
+    name = f"artifacts-{uuid.uuid4().hex[:8]}"
+    tracking.use_store(local_stack.tracking_uri, name, str(tmp_path / "mlartifacts"))
+    assert mlflow.get_experiment_by_name(name).artifact_location.startswith("mlflow-artifacts:")
+    assert not (tmp_path / "mlartifacts").exists()
+
+    legacy = f"legacy-{uuid.uuid4().hex[:8]}"  # made by an earlier version: its artifacts on one disk
+    MlflowClient(local_stack.tracking_uri).create_experiment(legacy, artifact_location=(tmp_path / "a").as_uri())
+    with pytest.raises(stores.StoreError, match=f"experiment '{legacy}' on the tracking server .* name a new "
+                                                "mlflow.experiment") as err:
+        tracking.use_store(local_stack.tracking_uri, legacy, str(tmp_path / "mlartifacts"))
+    assert "\n" not in str(err.value)

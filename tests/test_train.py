@@ -85,7 +85,7 @@ def test_a_device_this_machine_lacks_is_a_clear_error(name, monkeypatch):
 
 def test_threads_zero_splits_the_cores_among_parallel_workers(monkeypatch):
     before = torch.get_num_threads()
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(8)))  # e.g. a Slurm allocation
     try:
         assert train.set_threads(0, parallel_workers=1) == 8
         assert train.set_threads(0, parallel_workers=3) == 2 and torch.get_num_threads() == 2

@@ -5,6 +5,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from conftest import ended_pid
 from mnist_sweep import trial
 from mnist_sweep.trial import JobTrial, NoTrial, StudyError, open_storage
 
@@ -75,7 +76,8 @@ def test_an_error_inside_the_trial_fails_it_and_a_result_completes_it(storage):
     assert done.complete(0.7) == 0.7
     states = {t.number: (t.state, t.value, t.user_attrs) for t in study.get_trials()}
     assert states[crashed.number][0] == TrialState.FAIL
-    assert states[done.number] == (TrialState.COMPLETE, 0.7, {trial.RUN_ID_ATTR: "abc"})
+    assert states[done.number] == (TrialState.COMPLETE, 0.7, {trial.RUN_ID_ATTR: "abc",
+                                                              trial.WORKER_ATTR: trial.this_worker()})
 
 
 def test_joining_names_what_is_wrong_in_one_line(storage, tmp_path):
@@ -118,3 +120,19 @@ def test_a_trial_beats_while_it_runs_and_goes_stale_once_it_stops(tmp_path):
         optuna.storages.fail_stale_trials(study)
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {silent: TrialState.RUNNING, beating: TrialState.FAIL}  # no beat at all: never stale
+
+
+def test_a_trial_records_its_job_so_a_worker_on_its_host_knows_at_once_when_the_job_is_gone(storage):
+    study = optuna.create_study(study_name="s", storage=storage)
+    held = job(study, storage)
+
+    def frozen() -> optuna.trial.FrozenTrial:
+        return storage.get_trial(trial.trial_id(held.trial))
+
+    assert frozen().user_attrs[trial.WORKER_ATTR] == trial.this_worker()
+    assert not trial.worker_gone(frozen())  # this process: alive
+    storage.set_trial_user_attr(trial.trial_id(held.trial), trial.WORKER_ATTR, {**trial.this_worker(),
+                                                                                "pid": ended_pid()})
+    assert trial.worker_gone(frozen())
+    storage.set_trial_user_attr(trial.trial_id(held.trial), trial.WORKER_ATTR, {"host": "elsewhere", "pid": 1})
+    assert not trial.worker_gone(frozen())  # another host's: only its heartbeat can tell

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import OverrideParseException
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
@@ -32,7 +33,9 @@ from optuna.trial import TrialState
 
 from mnist_sweep import stores
 from mnist_sweep.cli import one_line_errors
-from mnist_sweep.trial import Heartbeat, StudyError, open_storage, trial_id
+from mnist_sweep.config import ConfigError
+from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, StudyError, open_storage, trial_id,
+                               worker_gone)
 
 log = logging.getLogger("mnist_sweep.sweeper")
 # hydra-optuna-sweeper 1.3 still builds optuna 2's distribution classes; optuna 4 and 5 accept them.
@@ -66,7 +69,10 @@ class StudySweeper(OptunaSweeperImpl):
         self.seeded = False  # the sampler is rebuilt with this worker's seed at its first trial
 
     def sweep(self, arguments: list[str]) -> None:
-        with one_line_errors(StudyError, stores.StoreError):
+        config = self.config
+        writes = stores.written(config.paths.outputs, config.mlflow.tracking_uri, config.mlflow.artifact_root,
+                                self.storage, config.hydra.sweep.dir)
+        with one_line_errors(StudyError, stores.StoreError, ConfigError, writes=writes):
             if not self.storage or not self.study_name:
                 raise StudyError("a sweep needs hydra.sweeper.storage and hydra.sweeper.study_name: its jobs, and "
                                  "other workers, reach the study through them (stores=server reads $OPTUNA_STORAGE)")
@@ -83,13 +89,14 @@ class StudySweeper(OptunaSweeperImpl):
             except BaseException:
                 close_quietly(self.tracker, study, results)
                 raise
+            fail_abandoned(study, storage)  # the last worker to end leaves no trial of this host RUNNING
             save_results(study, results)
             self.tracker.close(study, results, interrupted=False)
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, dict]:
         """The distributions to search and the fixed overrides, as the plugin parses them."""
         self._process_searchspace_config()
-        space, fixed = create_params_from_overrides([*self._parse_sweeper_params_config(), *arguments])
+        space, fixed = parse_space([*self._parse_sweeper_params_config(), *arguments])
         space = {**(self.search_space_distributions or {}), **space}
         return {k: v for k, v in space.items() if k not in fixed}, fixed
 
@@ -103,6 +110,7 @@ class StudySweeper(OptunaSweeperImpl):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.9
                 optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (and re-queued)
+            fail_abandoned(study, storage)  # those whose job on this host is gone: at once
             self.tracker.check(study)
             size, why_none = next_batch(todo, self.n_jobs, room(study, self.max_trials), deadline, time.monotonic())
             if not size:
@@ -143,6 +151,21 @@ class StudySweeper(OptunaSweeperImpl):
         return instantiate(config) if seed is None else instantiate(config, seed=seed + first_trial)
 
 
+def parse_space(overrides: list[str]) -> tuple[dict, dict]:
+    """The distributions and the fixed values of ``overrides``, as the plugin parses them (the last
+    override of a key wins), one at a time: a range that Optuna or Hydra's grammar rejects is a
+    :class:`ConfigError` that names it."""
+    space, fixed = {}, {}
+    for override in overrides:
+        try:
+            its_space, its_fixed = create_params_from_overrides([override])
+        except (ValueError, OverrideParseException) as err:
+            raise ConfigError(f"the search range {override} is one Optuna cannot search ({stores.one_line(err)}): "
+                              "change it on the command line or in hydra.sweeper.params") from None
+        space, fixed = space | its_space, fixed | its_fixed
+    return space, fixed
+
+
 def open_study(storage: optuna.storages.RDBStorage, name: str, directions: list[str],
                pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, bool]:
     """The study, and whether this worker created it (exactly one worker does: the name is unique)."""
@@ -172,14 +195,17 @@ def next_batch(todo: int, n_jobs: int, room: int | float, deadline: float, now: 
 def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, trials: Sequence[optuna.trial.Trial],
                    returns: Sequence[JobReturn], max_failure_rate: float) -> None:
     """Tell each trial its job's result unless the job already did (the usual case: only the job
-    knows whether it was pruned); a job that crashed or returned no finite value fails its trial.
-    Past ``max_failure_rate`` of the batch, re-raise the first failed job's own exception."""
+    knows whether it was pruned); a job that crashed, was ended by its scheduler or returned no
+    finite value fails its trial. Past ``max_failure_rate`` of the batch, re-raise the first
+    failed job's own exception."""
     failures = 0
     for trial, ret in zip(trials, returns):
         if storage.get_trial(trial_id(trial)).state != TrialState.RUNNING:
             pass
         elif ret.status == JobStatus.COMPLETED and math.isfinite(float(ret.return_value)):
             study.tell(trial.number, float(ret.return_value), skip_if_finished=True)
+        elif isinstance(ret._return_value, JobEnded):
+            fail_ended_job(study, storage, trial, str(ret._return_value))
         else:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         if storage.get_trial(trial_id(trial)).state == TrialState.FAIL:
@@ -190,6 +216,30 @@ def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
                   failures, len(returns), max_failure_rate)
         for ret in returns:
             ret.return_value  # re-raises the job's own exception, with its traceback
+
+
+def fail_ended_job(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.trial.Trial,
+                   reason: str) -> None:
+    """Fail a trial whose job its scheduler ended, with the reason on the trial (its MLflow run takes
+    it when the sweep's tracking closes), and re-queue it as a dead worker's trial is re-queued,
+    up to ``hydra.sweeper.max_retry`` times."""
+    storage.set_trial_user_attr(trial_id(trial), FAILURE_ATTR, reason)
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    retry = storage.get_heartbeat_stale_trial_callback()  # trial.requeue, with max_retry
+    if retry is not None:
+        retry(study, storage.get_trial(trial_id(trial)))
+
+
+def fail_abandoned(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    """Fail at once the running trials whose job ran on this host and is gone (killed with kill -9,
+    crashed), with the reason on the trial, and re-queue them as a dead worker's trials are; a trial
+    whose job ran elsewhere waits for its heartbeat to go stale (``hydra.sweeper.grace_period``)."""
+    for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+        if worker_gone(trial):
+            worker = trial.user_attrs[WORKER_ATTR]
+            reason = f"its job (process {worker['pid']} on {worker['host']}) ended mid-trial: killed, or crashed"
+            log.warning("trial %d: %s; the study fails it", trial.number, reason)
+            fail_ended_job(study, storage, trial, reason)
 
 
 def save_results(study: optuna.Study, path: str) -> None:

@@ -1,0 +1,240 @@
+"""Slurm for real: ``make slurm``'s single-node cluster (the ``slurm_cluster`` fixture) with the real
+PostgreSQL and MLflow server (``local_stack``), sweeps through ``hydra/launcher=slurm`` (sbatch,
+sacct, scancel, a job's time limit); first the plain functions that record a job Slurm ended."""
+
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+import warnings
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.distributions import CategoricalDistribution, UniformDistribution
+from optuna.trial import TrialState
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from conftest import FINISHED, finish, load_study, run_cli, server_args, start, study_runs
+from hydra_plugins.mnist_sweep import launcher, sweeper
+from mnist_sweep import slurm, tracking
+from mnist_sweep.registry import CHAMPION, REGISTERED_MODEL
+from mnist_sweep.sweep_tracking import FAILURE_TAG
+from mnist_sweep.trial import FAILURE_ATTR, RUN_ID_ATTR, JobEnded, open_storage
+
+# --------------------------------------------------------------------------- a job Slurm ended, in-process
+
+
+def test_the_reason_names_the_job_and_what_ended_it():
+    assert launcher.why_ended("7_0", "CANCELLED by 0", 60) == (
+        "its Slurm job 7_0 was cancelled (CANCELLED by 0: scancel, or an administrator)")
+    assert launcher.why_ended("7_1", "TIMEOUT", 5) == (
+        "its Slurm job 7_1 reached its time limit (hydra.launcher.timeout_min=5)")
+    assert launcher.why_ended("8", "NODE_FAIL", 60) == "its Slurm job 8 ended NODE_FAIL before the trial did"
+
+
+class Job:
+    """What the launcher reads of a submitit job: its id, its state in sacct, its results."""
+
+    def __init__(self, state: str, error: Exception | None = None):
+        self.job_id, self.state, self.error = "7_0", state, error
+
+    def results(self) -> list[JobReturn]:
+        if self.error is not None:
+            raise self.error
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value=0.5)]
+
+
+def test_each_job_of_a_batch_returns_on_its_own_an_ended_one_with_the_reason():
+    assert launcher.job_return(Job("COMPLETED"), ["a=1"], 60).return_value == 0.5
+    ended = launcher.job_return(Job("TIMEOUT", UncompletedJobError("no output")), ["a=1"], 60)
+    assert ended.status == JobStatus.FAILED and ended.overrides == ["a=1"]
+    assert isinstance(ended._return_value, JobEnded) and "time limit" in str(ended._return_value)
+    failed = launcher.job_return(Job("FAILED", FailedJobError("no module named x")), ["a=1"], 60)
+    assert failed.status == JobStatus.FAILED and isinstance(failed._return_value, FailedJobError)
+
+
+def sweeper_trial(study: optuna.Study) -> optuna.trial.Trial:
+    """A trial whose params were suggested as hydra-optuna-sweeper suggests them: optuna 2's classes."""
+    trial = study.ask()
+    trial._suggest("model", CategoricalDistribution(["shallow", "deep"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, and what the study holds
+        trial._suggest("model.dropout", UniformDistribution(0.0, 0.4))
+    return trial
+
+
+def test_a_trial_whose_job_was_ended_fails_with_the_reason_and_is_requeued_up_to_max_retry(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", max_retry=1)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    ended = JobReturn(status=JobStatus.FAILED, _return_value=JobEnded("its Slurm job 7_0 was cancelled"))
+    first = sweeper_trial(study)
+    sweeper.record_returns(study, storage, [first], [ended], max_failure_rate=1.0)
+    failed, queued = study.get_trials()
+    assert failed.state == TrialState.FAIL and failed.user_attrs[FAILURE_ATTR] == "its Slurm job 7_0 was cancelled"
+    assert queued.state == TrialState.WAITING
+
+    retry = sweeper_trial(study)  # asked next: the same params, suggested again the sweeper's way
+    assert retry.number == queued.number and retry.params == failed.params
+    sweeper.record_returns(study, storage, [retry], [ended], max_failure_rate=1.0)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]  # max_retry=1: no third attempt
+    assert trials[1].system_attrs["retry_history"] == [0]
+
+
+def test_the_command_says_what_it_takes():
+    with pytest.raises(ValueError, match="say start or stop"):
+        slurm.main(["restart"])
+    with pytest.raises(ValueError, match="the one argument is root=DIR"):
+        slurm.main(["start", "port=1"])
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+def on_the_cluster(test):
+    """Slow, and on one xdist worker in this file's order (make test's --dist loadgroup): the tests
+    share the session's cluster, and the last one stops it."""
+    return pytest.mark.slow(pytest.mark.xdist_group("slurm")(test))
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses a TCP port listens on, as the kernel lists them (hex, as in /proc/net/tcp)."""
+    addresses = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(address)
+    return addresses
+
+
+@on_the_cluster
+def test_the_daemons_listen_on_loopback_only_and_a_second_start_returns_the_cluster(slurm_cluster):
+    for port in slurm_cluster.ports:
+        assert listening_addresses(port) == {"0100007F"}, port  # 127.0.0.1, not 0.0.0.0
+    pids = slurm.running(slurm_cluster.root)
+    assert set(pids) == set(slurm.DAEMONS)
+    assert slurm.start(slurm_cluster.root, slurm.Ports(1, 2, 3, 4)) == slurm_cluster  # its own ports, not these
+    done = run_cli("mnist_sweep.slurm", "start", f"root={slurm_cluster.root}", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"export SLURM_CONF={slurm_cluster.conf}" in done.stdout
+    assert slurm.running(slurm_cluster.root) == pids  # the same daemons: none restarted
+
+
+def slurm_args(tmp_path) -> list[str]:
+    """A trial's job on this cluster: one CPU, a little memory, its files under ``tmp_path``."""
+    return ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+            f"hydra.launcher.submitit_folder='{tmp_path / 'submitit'}/%j'"]
+
+
+def sacct(cluster: slurm.Cluster, job_ids: list[str]) -> dict[str, str]:
+    """Each job's state in Slurm's accounting."""
+    done = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                          env={**os.environ, **cluster.env()}, capture_output=True, text=True, check=True)
+    return dict(line.split("|") for line in done.stdout.splitlines())
+
+
+def job_ids(tmp_path) -> list[str]:
+    """The Slurm jobs of the trials, from their submitit folders (named <array>_<index>)."""
+    return sorted(p.name for p in (tmp_path / "submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+
+
+@on_the_cluster
+def test_a_sweep_runs_its_trials_as_slurm_jobs_with_handover_pruning_and_the_champion(
+        slurm_cluster, local_stack, overrides, tmp_path):
+    name = f"t{uuid.uuid4().hex[:10]}"
+    env = {**local_stack.env(), **slurm_cluster.env()}
+    finish(start(["-m", *server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=2",
+                  "hydra.sweeper.n_jobs=2", "epochs=1"], env))
+
+    ids = job_ids(tmp_path)
+    assert len(ids) == 2 and set(sacct(slurm_cluster, ids).values()) == {"COMPLETED"}  # one sbatch'd job each
+    trials = load_study(local_stack, name).get_trials()
+    assert len(trials) == 2 and {t.state for t in trials} <= FINISHED
+    assert all(t.intermediate_values for t in trials)  # each job reported to the pruner through the database
+    client, (parent,), kids = study_runs(local_stack, name)
+    assert sorted(int(k.data.tags["trial"]) for k in kids) == [0, 1]
+    for kid in kids:
+        assert trials[int(kid.data.tags["trial"])].user_attrs[RUN_ID_ATTR] == kid.info.run_id
+    assert parent.info.status == "FINISHED"
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert parent.data.tags["best_run_id"] == best.user_attrs[RUN_ID_ATTR]
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert best.user_attrs[RUN_ID_ATTR] in {v.run_id for v in versions}  # other tests' sweeps share the registry
+    assert tracking.MODEL_URI_TAG in client.get_run(champion.run_id).data.tags
+
+
+def wait_for_runs(local_stack, name: str, count: int, proc: subprocess.Popen) -> None:
+    """Until ``count`` trials of the study have their MLflow run (their jobs are training)."""
+    for _ in range(600):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        try:
+            trials = load_study(local_stack, name).get_trials()
+        except KeyError:  # no study yet
+            trials = []
+        if sum(RUN_ID_ATTR in t.user_attrs for t in trials) >= count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no {count} trials running")
+
+
+@on_the_cluster
+def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_reason_and_are_requeued(
+        slurm_cluster, local_stack, overrides, tmp_path):
+    """One batch of two endless trials: scancel ends the first job; the second reaches its time
+    limit (one minute: Slurm's least). Each trial FAILs, its run ends FAILED saying why, it is
+    re-queued (max_retry=1), and the sweep ends normally; the next one runs the retries."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    env = {**local_stack.env(), **slurm_cluster.env()}
+    args = [*server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_retry=1"]
+    proc = start(["-m", *args, "hydra.sweeper.n_trials=2", "hydra.launcher.timeout_min=1", "epochs=100000"], env)
+    try:
+        wait_for_runs(local_stack, name, 2, proc)
+        (cancelled,) = [job for job in job_ids(tmp_path) if job.endswith("_0")]  # trial 0: the batch's first
+        subprocess.run(["scancel", cancelled], env={**os.environ, **slurm_cluster.env()}, check=True)
+        output = finish(proc, timeout=300)
+    finally:
+        proc.kill()
+
+    reasons = {0: f"its Slurm job {cancelled} was cancelled",
+               1: "reached its time limit (hydra.launcher.timeout_min=1)"}
+    states = sacct(slurm_cluster, job_ids(tmp_path))
+    assert states.pop(cancelled).startswith("CANCELLED") and list(states.values()) == ["TIMEOUT"]
+    trials = load_study(local_stack, name).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
+    client, (parent,), kids = study_runs(local_stack, name)
+    for number, reason in reasons.items():
+        assert reason in trials[number].user_attrs[FAILURE_ATTR] and reason in output
+        run = client.get_run(trials[number].user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FAILED" and run.data.tags[FAILURE_TAG] == trials[number].user_attrs[FAILURE_ATTR]
+        assert trials[number + 2].system_attrs["retry_history"] == [number]
+    assert parent.info.status == "FINISHED"
+
+    finish(start(["-m", *args, "hydra.sweeper.n_trials=2", "epochs=1"], env))  # the sweep goes on: the retries
+    retried = load_study(local_stack, name).get_trials()
+    assert len(retried) == 4 and {t.state for t in retried[2:]} <= FINISHED
+    assert [t.params for t in retried[2:]] == [t.params for t in trials[:2]]
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@on_the_cluster
+def test_stop_stops_every_daemon_and_start_resumes_the_cluster(slurm_cluster):
+    """Last: it stops the session's cluster, then starts it again."""
+    slurm.stop(slurm_cluster.root)
+    assert slurm.running(slurm_cluster.root) == {} and all(refused(port) for port in slurm_cluster.ports)
+    slurm.stop(slurm_cluster.root)  # nothing runs: nothing to do
+    assert slurm.start(slurm_cluster.root) == slurm_cluster
+    done = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, **slurm_cluster.env()},
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == "idle"
