@@ -43,6 +43,7 @@ DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # in start 
 CLUSTER_NAME = "mnist"  # what sacct and the accounting database call it
 PARTITION = "local"  # the one partition, the default: hydra.launcher.partition=null lands here
 WAIT_S = 60  # for each daemon to answer; the first start also makes the accounting tables
+DEAD_S = 2  # how long a daemon must look dead before its start is given up
 
 
 class Ports(NamedTuple):
@@ -206,12 +207,16 @@ def _listening(port: int) -> bool:
 
 
 def _wait(ready: Callable[[], bool], alive: Callable[[], bool], what: str, log: Path) -> None:
-    """Until ``ready()``; an error naming ``log`` if ``what`` dies or stays silent past WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
+    """Until ``ready()``; an error naming ``log`` if ``what`` stays dead for DEAD_S (a daemon's pid
+    file is empty for a moment while it is written, and names the parent before it forks) or
+    silent past WAIT_S."""
+    deadline, dead_since = time.monotonic() + WAIT_S, None
     while not ready():
-        if not alive():
+        now = time.monotonic()
+        dead_since = None if alive() else dead_since or now
+        if dead_since is not None and now - dead_since > DEAD_S:
             raise RuntimeError(f"{what} exited: see {log}")
-        if time.monotonic() > deadline:
+        if now > deadline:
             raise RuntimeError(f"{what} not ready after {WAIT_S} s: see {log}")
         time.sleep(0.2)
 
@@ -328,6 +333,23 @@ def stop(root: Path = DEFAULT_ROOT) -> None:
     for daemon in reversed(DAEMONS):
         if daemon in pids:
             _end(pids[daemon], _pid_file(paths, daemon), daemon)
+    for pid in _strays(paths["conf"]):  # a Slurm daemon whose start was given up left no pid file
+        os.kill(pid, signal.SIGKILL)
+
+
+def _strays(conf: Path) -> list[int]:
+    """The Slurm daemons started with this cluster's ``SLURM_CONF`` that still run (only daemons: a
+    user's shell that exported it is no stray)."""
+    marker = f"SLURM_CONF={conf}".encode()
+    strays = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv0 = Path(os.fsdecode(proc.joinpath("cmdline").read_bytes().split(b"\0")[0])).name
+            if argv0 in DAEMONS and marker in proc.joinpath("environ").read_bytes().split(b"\0"):
+                strays.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return strays
 
 
 def main(argv: list[str]) -> int:

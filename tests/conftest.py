@@ -78,6 +78,7 @@ def overrides(tiny_mnist, tmp_path) -> list[str]:
         "data.batch_size=32",
         "data.eval_batch_size=64",
         "device=cpu",
+        "epochs=1",  # a sweep's trials too (its space searches 2-8): a test that needs more says so
     ]
 
 

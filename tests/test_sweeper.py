@@ -371,8 +371,7 @@ def test_two_workers_started_together_share_one_study_and_one_parent(overrides, 
 @pytest.mark.slow
 def test_a_lone_worker_replays_its_search_from_the_seed(overrides, tmp_path):
     for name in ("a", "b"):  # the shortest trials: only the points they draw matter here
-        sweep(overrides, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}", "epochs=1",
-              "mlflow.model_format=null")
+        sweep(overrides, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}", "mlflow.model_format=null")
     assert [t.params for t in study(tmp_path, "a").get_trials()] == [t.params for t in study(tmp_path, "b").get_trials()]
 
 
@@ -472,7 +471,7 @@ def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
 @pytest.mark.slow
 def test_with_a_validation_split_the_study_maximises_val_acc_and_the_champion_is_chosen_by_it(overrides, tmp_path):
     # one short epoch at low learning rates: accuracies in between, where validation and test disagree
-    sweep(overrides, "hydra.sweeper.n_trials=3", "data.val_size=64", "hydra/sweeper/pruner=none", "epochs=1",
+    sweep(overrides, "hydra.sweeper.n_trials=3", "data.val_size=64", "hydra/sweeper/pruner=none",
           "optim.lr=tag(log, interval(1e-4, 3e-3))")
     trials = study(tmp_path).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
@@ -534,11 +533,12 @@ def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, n
     best = max((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
     best_run = client.get_run(best.user_attrs[RUN_ID_ATTR])
     assert parent.data.tags["best_run_id"] == best_run.info.run_id
+    # other tests' sweeps share this registry: the study's best is registered unless a champion at
+    # least as good was there first (the tiny digits often score 1.0)
     versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
-    assert best_run.info.run_id in {v.run_id for v in versions}
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
     acc = {v.run_id: client.get_run(v.run_id).data.metrics["test_acc"] for v in versions}
-    assert acc[champion.run_id] == max(acc.values())  # other tests' sweeps share this registry
+    assert acc[champion.run_id] == max(acc.values()) >= best.value
     elsewhere = tmp_path / "another-machine"
     elsewhere.mkdir()
     loaded = subprocess.run(
