@@ -29,7 +29,7 @@ sweep: $(STAMP)  ## run the default Optuna search (ARGS='hydra.sweeper.n_trials=
 	$(PY) -m mnist_sweep -m $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite on both cores (tiny synthetic data, real servers, no network)
-	$(PY) -m pytest -n 2 --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=25 $(ARGS)
 
 test-fast: $(STAMP)  ## the in-process tests only (no subprocess sweeps or servers): the quick loop
 	$(PY) -m pytest -m "not slow" $(ARGS)

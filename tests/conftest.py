@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mnist_sweep import data, registry, slurm, stack, tensors, tracking, train
 from mnist_sweep.config import CONF_DIR, PROJECT_ROOT
 from mnist_sweep.model import ConvNet
+from mnist_sweep.trial import RUN_ID_ATTR
 
 
 def options(group: str) -> list[str]:
@@ -150,16 +151,22 @@ def store_without_champion(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(tracking_uri=tracking_uri, latest_run_id=active.info.run_id)
 
 
+def require(find_programs: Callable[[], object], what: str) -> None:
+    """Skip a test whose programs ``find_programs`` does not find; under CI=true, fail it: CI runs
+    the tests against ``what``, never without."""
+    try:
+        find_programs()
+    except FileNotFoundError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{err} (CI runs the tests against {what})")
+        pytest.skip(str(err))
+
+
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[stack.Stack]:
     """A real PostgreSQL and ``mlflow server`` on free loopback ports, their data in a temporary
     root, stopped at the end. Without PostgreSQL's programs: skipped, but failed under CI=true."""
-    try:
-        stack.postgres_bindir()
-    except FileNotFoundError as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{err} (CI runs the tests against real servers)")
-        pytest.skip(str(err))
+    require(stack.postgres_bindir, "real servers")
     # Not under pytest's tmp_path: as root, PostgreSQL runs as the user postgres, who cannot enter
     # /tmp/pytest-of-root (mode 700). 711: others may pass through to the data, not list or read.
     root = Path(tempfile.mkdtemp(prefix="mnist_sweep-stack-"))
@@ -176,12 +183,7 @@ def slurm_cluster() -> Iterator[slurm.Cluster]:
     """A real single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd) on free loopback
     ports, its state in a temporary root, stopped at the end. Without Slurm's programs: skipped, but
     failed under CI=true (.ci/run installs them)."""
-    try:
-        slurm.programs()
-    except FileNotFoundError as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{err} (CI runs the tests against a real Slurm)")
-        pytest.skip(str(err))
+    require(slurm.programs, "a real Slurm")
     root = Path(tempfile.mkdtemp(prefix="mnist_sweep-slurm-"))
     root.chmod(0o711)  # munged wants its socket reachable by every user, through every folder above it
     try:
@@ -263,3 +265,16 @@ def study_runs(local_stack, name: str) -> tuple[MlflowClient, list, list]:
     everything = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     parents = [r for r in everything if "mlflow.parentRunId" not in r.data.tags]
     return client, parents, [r for r in everything if "mlflow.parentRunId" in r.data.tags]
+
+
+def assert_each_job_ran_its_trial(local_stack, name: str, n: int) -> tuple[MlflowClient, object, list]:
+    """A sweep of ``n`` trials whose jobs ran elsewhere (submitit, Slurm): each finished, reported to
+    the pruner through the database, and has its run; returns the client, the parent and the runs."""
+    trials = load_study(local_stack, name).get_trials()
+    assert len(trials) == n and {t.state for t in trials} <= FINISHED
+    assert all(t.intermediate_values for t in trials)  # each job reported to the pruner through the database
+    client, (parent,), kids = study_runs(local_stack, name)
+    assert sorted(int(k.data.tags["trial"]) for k in kids) == list(range(n))
+    for kid in kids:
+        assert trials[int(kid.data.tags["trial"])].user_attrs[RUN_ID_ATTR] == kid.info.run_id
+    return client, parent, kids

@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from conftest import (FINISHED, assert_one_line_error, ended_pid, finish, load_study, run_cli, server_args, start,
-                      study_runs)
+from conftest import (FINISHED, assert_each_job_ran_its_trial, assert_one_line_error, ended_pid, finish,
+                      load_study, run_cli, server_args, start, study_runs)
 from hydra_plugins.mnist_sweep import sweeper
 from mnist_sweep import registry, tracking
 from mnist_sweep.config import PROJECT_ROOT, ConfigError
@@ -600,13 +600,7 @@ def test_a_killed_worker_is_recovered_by_another(local_stack, overrides, name):
 def test_a_submitit_local_sweep_keeps_the_trial_handover_and_pruning(local_stack, overrides, name, tmp_path):
     finish(start(["-m", *server_args(overrides, name), "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
                   f"hydra.launcher.submitit_folder='{tmp_path / 'submitit'}/%j'"], local_stack.env()))
-    trials = load_study(local_stack, name).get_trials()
-    assert len(trials) == 2 and {t.state for t in trials} <= FINISHED
-    assert all(t.intermediate_values for t in trials)  # each job reported to the pruner through the database
-    _, (parent,), kids = study_runs(local_stack, name)
-    assert sorted(int(k.data.tags["trial"]) for k in kids) == [0, 1]
-    for kid in kids:
-        assert trials[int(kid.data.tags["trial"])].user_attrs[RUN_ID_ATTR] == kid.info.run_id
+    assert_each_job_ran_its_trial(local_stack, name, 2)
     logs = list((tmp_path / "submitit").glob("*/*_log.out"))
     assert len(logs) == 2  # each trial was its own submitit job
 
