@@ -74,14 +74,16 @@ class MlflowStudy:
         # two workers ending together: one champion, one version (the study's database locks
         # across machines; an embedded MLflow store also locks its own file)
         with stores.lock(self.study_storage), stores.lock(self.tracking_uri):
-            end_orphaned_runs(client, study)
-            best = best_run(client, study)
-            summarize(client, self.parent_id, study, best, results_file)
-            if best is not None:
-                promote(client, best)
-            if not study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-                status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
-                client.set_terminated(self.parent_id, RunStatus.to_string(status))
+            try:
+                end_orphaned_runs(client, study)
+                best = best_run(client, study)
+                summarize(client, self.parent_id, study, best, results_file)
+                if best is not None:
+                    promote(client, best)
+            finally:  # a summary that failed still leaves no parent RUNNING behind the last worker
+                if not study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+                    status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
+                    client.set_terminated(self.parent_id, RunStatus.to_string(status))
 
 
 def study_parent(client: MlflowClient, experiment_id: str, study: optuna.Study, created: bool) -> str:

@@ -117,3 +117,16 @@ def test_a_plain_grid_has_a_parent_run_of_its_own(overrides, tmp_path):
     assert grid == {("shallow", "0.01"), ("shallow", "0.1"), ("deep", "0.01"), ("deep", "0.1")}
     assert parent.info.run_name.startswith("sweep-") and parent.info.status == "FINISHED"
     assert parent.data.tags["best_run_id"] in {k.info.run_id for k in kids}
+
+
+def test_a_summary_that_fails_still_ends_the_parent(stores_, tmp_path, monkeypatch):
+    tracker, study, client = stores_
+    trial_run(client, study, tracker.parent_id, 0.5, model=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the plots could not be made")
+
+    monkeypatch.setattr(sweep_tracking, "summarize", broken)
+    with pytest.raises(RuntimeError, match="plots"):
+        tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=True)
+    assert client.get_run(tracker.parent_id).info.status == "KILLED"

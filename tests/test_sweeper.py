@@ -339,7 +339,7 @@ def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
     states = {t.state for t in trials}
     assert optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING not in states
     _, (parent,), children = runs(tmp_path)
-    assert parent.info.status == "KILLED"
+    assert parent.info.status == "KILLED", log.read_text()[-6000:]
     assert "RUNNING" not in {k.info.status for k in children[parent.info.run_id]}
 
 
