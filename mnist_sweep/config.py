@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -55,6 +55,7 @@ class MlflowConfig:
 class OptunaTrialConfig:
     study: Optional[str] = None  # set by the study sweeper for each job: its study...
     trial: Optional[int] = None  # ...and its trial number there
+    deadline: Optional[float] = None  # ...and its sweep's deadline (Unix time; None: none)
     storage: Optional[str] = MISSING  # the study's database (the stores group sets it)
 
 
@@ -82,6 +83,12 @@ class Config:
 
 
 @dataclass
+class WarmStartConfig:
+    study: Optional[str] = None
+    top: int = 5
+
+
+@dataclass
 class StudySweeperConfig(OptunaSweeperConf):
     """hydra-optuna-sweeper's config keys, plus what a study shared by many workers needs
     (the values and their comments are in conf/hydra/sweeper/search.yaml)."""
@@ -94,6 +101,9 @@ class StudySweeperConfig(OptunaSweeperConf):
     max_retry: int = 0
     max_trials: Optional[int] = None
     timeout: Optional[float] = None
+    finish_running: bool = False
+    enqueue: List[Any] = field(default_factory=list)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 ConfigStore.instance().store(name="schema", node=Config)

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mnist_sweep import data, registry, stores, tensors, tracking, train, trial
+from mnist_sweep import costs, data, registry, stores, tensors, tracking, train, trial
 from mnist_sweep.cli import one_line_errors
 from mnist_sweep.config import ConfigError, validate
 
@@ -46,23 +46,38 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float:
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     model, optimizer, scheduler, augment = build(cfg, device, len(splits.train))
     record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it
+    stopped = {trial.DeadlineReached: tracking.DEADLINE_TAG, optuna.TrialPruned: tracking.PRUNED_TAG}
     with job:  # heartbeats; a crash fails the trial
         try:
             description = tracking.describe_run(cfg, hydra_cfg, threads, job)
-            with tracking.run(**description, pruned=(optuna.TrialPruned,)) as active:
+            with tracking.run(**description, stopped=stopped) as active:
                 job.attach_run(active.info.run_id)
                 record(tracking.log_datasets, splits.datasets)
                 on_epoch, on_check = report_to(record, job)
-                metrics = train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs,
-                                    cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch,
-                                    checks_per_epoch=job.checks, check_set=splits.check, on_check=on_check,
-                                    val_set=splits.val, augment=augment)
+                deadline = None
+                try:
+                    metrics = train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs,
+                                        cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch,
+                                        checks_per_epoch=job.checks, check_set=splits.check, on_check=on_check,
+                                        val_set=splits.val, augment=augment, on_step=job.check_deadline)
+                except trial.DeadlineReached as reached:  # scored as it stands, and exported below if it leads
+                    deadline, metrics = reached, train.scores(model, splits.test, splits.val, cfg.data.eval_batch_size)
+                    record(tracking.log_epoch, math.ceil(reached.done), metrics)
                 export = cfg.mlflow.log_models == "all" or job.leads(metrics[objective])  # conf/config.yaml
-                record(tracking.log_outputs, model, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir,
-                       splits.test.images[:2], cfg.mlflow.model_format if export else None)
+                measured = costs.measure(model, splits.test.images[:1])  # param_count, latency_ms, model_bytes
+                name = tracking.model_name(hydra_cfg.runtime.choices.model, model.widths, job.study_name, job.number)
+                hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+                model_id = record(tracking.log_outputs, model, hydra_dir, splits.test.images[:2],
+                                  cfg.mlflow.model_format if export else None, name)
+                record(tracking.log_costs, measured, model_id)  # with a model, linked to it, with its scores
+                if deadline is not None:
+                    raise deadline  # the run ends KILLED with its `deadline` tag, its metrics and model kept
         except train.Diverged as err:
             log.error("run diverged: %s (returning %s 0.0)", err, objective)
             return job.complete(0.0)  # a finite worst score: the sweeper crashes on NaN
+        except trial.DeadlineReached as reached:
+            log.info("%s (%s %.4f)", reached, objective, metrics[objective])
+            return job.stopped_at_deadline(reached.done, metrics[objective])
         except optuna.TrialPruned as err:
             log.info("%s", err)
             return job.prune()
@@ -70,11 +85,12 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float:
 
 
 def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.JobTrial | trial.NoTrial:
-    """This job's trial, as the study sweeper handed it (``optuna.study``, ``optuna.trial``); a
+    """This job's trial, as the study sweeper handed it (``optuna.study``, ``optuna.trial``, ``optuna.deadline``); a
     :class:`trial.NoTrial` for a single run or a plain grid's job."""
     pruner = instantiate(sweeper.pruner) if cfg.optuna.trial is not None else None
     return trial.join(cfg.optuna.study, cfg.optuna.trial, sweeper.get("storage"), pruner,
-                      sweeper.get("heartbeat_interval"), objective, cfg.epochs, cfg.pruning.checks_per_epoch)
+                      sweeper.get("heartbeat_interval"), objective, cfg.epochs, cfg.pruning.checks_per_epoch,
+                      cfg.optuna.deadline)
 
 
 def build(cfg: DictConfig, device: torch.device, train_images: int):

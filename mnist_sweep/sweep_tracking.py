@@ -26,8 +26,8 @@ from optuna.trial import TrialState
 
 from mnist_sweep import stores, tracking
 from mnist_sweep.registry import promote, selection_metric
-from mnist_sweep.tracking import GRID_TAG, STUDY_TAG, TRIAL_TAG
-from mnist_sweep.trial import FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR
+from mnist_sweep.tracking import GRID_TAG, MODEL_URI_TAG, STUDY_TAG, TRIAL_TAG
+from mnist_sweep.trial import FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR, best_finished
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,12 @@ class MlflowStudy:
         # across machines; an embedded MLflow store also locks its own file)
         with stores.lock(self.study_storage), stores.lock(self.tracking_uri):
             try:
-                end_orphaned_runs(client, study)
+                experiment_id = client.get_run(self.parent_id).info.experiment_id
+                end_orphaned_runs(client, experiment_id, study)
                 best = best_run(client, study)
                 summarize(client, self.parent_id, study, best, results_file)
                 if best is not None:
-                    promote(client, best)
+                    promote(client, champion_run(client, experiment_id, study, best))
             finally:  # a summary that failed still leaves no parent RUNNING behind the last worker
                 if not study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
                     status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
@@ -106,30 +107,51 @@ def study_parent(client: MlflowClient, experiment_id: str, study: optuna.Study, 
     return parent
 
 
-def end_orphaned_runs(client: MlflowClient, study: optuna.Study) -> None:
-    """End FAILED the runs of trials whose worker died or whose job was ended (cancelled, out of
-    time): the study failed the trial, but nobody was left to end its run. The tag says why."""
-    for trial in study.get_trials(deepcopy=False, states=[TrialState.FAIL]):
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id is None or client.get_run(run_id).info.status != "RUNNING":
+def end_orphaned_runs(client: MlflowClient, experiment_id: str, study: optuna.Study) -> None:
+    """End FAILED the runs of the study's trials that no job is left to end, with a tag saying why:
+    a trial whose worker died, whose job was ended (cancelled, out of time) or lost a store, and one
+    whose job finished it but could not end its run (the tracking server was away). Found by their
+    tags, not the trial's link to its run: a job may have lost the study before recording that."""
+    query = f"tags.`{STUDY_TAG}` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
+    for run in client.search_runs([experiment_id], query):
+        trial = trials.get(int(run.data.tags.get(TRIAL_TAG, -1)))
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        why = trial.user_attrs.get(FAILURE_ATTR,
-                                   "its worker stopped mid-trial (no heartbeat): the study failed the trial")
-        client.set_tag(run_id, FAILURE_TAG, why)
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        log.warning("trial %d: %s; run %s ended FAILED", trial.number, why, run_id)
+        if trial.state == TrialState.FAIL:
+            why = trial.user_attrs.get(FAILURE_ATTR, "its worker stopped mid-trial (no heartbeat): the study failed "
+                                                     "the trial")
+        else:
+            why = (f"its job could not end it (the tracking server stopped answering): its record is incomplete; "
+                   f"the trial is {trial.state.name} in the study")
+        client.set_tag(run.info.run_id, FAILURE_TAG, why)
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        log.warning("trial %d: %s; run %s ended FAILED", trial.number, why, run.info.run_id)
 
 
 def best_run(client: MlflowClient, study: optuna.Study) -> Run | None:
-    """The run of the study's best trial; None while no trial has completed with a test_acc
-    (a diverged run scores 0.0 and logs none)."""
-    try:
-        best = study.best_trial
-    except ValueError:
+    """The run of the study's best finished trial (:func:`trial.best_finished`); None while there
+    is none with a test_acc (a diverged run scores 0.0 and logs none)."""
+    best = best_finished(study)
+    if best is None:
         return None
     run_id = best.user_attrs.get(RUN_ID_ATTR)
     run = client.get_run(run_id) if run_id else None
     return run if run is not None and "test_acc" in run.data.metrics else None
+
+
+def champion_run(client: MlflowClient, experiment_id: str, study: optuna.Study, best: Run) -> Run:
+    """The run whose model the champion should be: the best run's, or, where it has none because the
+    tracking server went away before its export, the best finished trial's run that has one (with
+    ``mlflow.model_format=null`` none has: the best run, which ``promote`` then declines)."""
+    if MODEL_URI_TAG in best.data.tags:
+        return best
+    metric = selection_metric("val_acc" in best.data.metrics)
+    finished = {str(t.number) for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])}
+    query = f"tags.`{STUDY_TAG}` = '{study.study_name}' and tags.`{MODEL_URI_TAG}` LIKE 'models:/%'"
+    runs = client.search_runs([experiment_id], query, order_by=[f"metrics.{metric} DESC"])
+    return next((run for run in runs if run.data.tags.get(TRIAL_TAG) in finished and metric in run.data.metrics),
+                best)
 
 
 def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: Run | None, results_file: str) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import warnings
@@ -21,7 +22,7 @@ import requests
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
@@ -32,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mnist_sweep import stores
+from mnist_sweep import costs, stores
 from mnist_sweep.config import PROJECT_ROOT
 from mnist_sweep.data import DatasetInfo
 
@@ -43,6 +44,9 @@ STUDY_TAG = "optuna.study"  # a study trial's run: its study...
 TRIAL_TAG = "trial"  # ...and its trial number
 GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its jobs share
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
+DEADLINE_TAG = "deadline"  # where the sweep's deadline stopped the run (KILLED; its metrics and model kept)
+# The scores a logged model carries beside its costs (the last epoch's): what the Models tab sorts by
+MODEL_SCORES = ("test_acc", "test_loss", "val_acc", "val_loss")
 # What MLflow raises when its store does not answer: its own error, or the HTTP client's
 LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
 # MLflow's sqlite store logs a database error with its traceback, then raises it: whoever catches
@@ -99,9 +103,11 @@ def _create_experiment(name: str, artifact_root: str | None) -> mlflow.entities.
 
 @contextlib.contextmanager
 def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_run_id: str | None = None,
-        pruned: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
+        stopped: Mapping[type[BaseException], str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C, and
-    KILLED with a ``pruned`` tag (the reason) on one of the ``pruned`` exceptions."""
+    KILLED on an exception of ``stopped`` (type → tag), with that tag saying why (the first type that
+    matches: a subclass before its base)."""
+    stopped = dict(stopped or {})
     # a password typed into a store URI would otherwise land in a param or the overrides tag
     tags = {key: stores.redact(value) for key, value in tags.items()}
     active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags)
@@ -110,8 +116,8 @@ def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_ru
         mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v for key, v in params.items()})
         yield active
         status = RunStatus.FINISHED
-    except pruned as stop:
-        mlflow.set_tag(PRUNED_TAG, str(stop))
+    except tuple(stopped) as stop:
+        mlflow.set_tag(next(tag for kind, tag in stopped.items() if isinstance(stop, kind)), str(stop))
         status = RunStatus.KILLED
         raise
     except KeyboardInterrupt:
@@ -137,11 +143,12 @@ class Recorder:
     def __init__(self) -> None:
         self.lost: str | None = None
 
-    def __call__(self, record: Callable[..., None], *args: Any) -> None:
+    def __call__(self, record: Callable[..., Any], *args: Any) -> Any:
+        """``record(*args)``'s result; None once the store is lost."""
         if self.lost is not None:
-            return
+            return None
         try:
-            record(*args)
+            return record(*args)
         except LOST as err:
             if stores.disk_full(err):
                 raise
@@ -224,9 +231,10 @@ def log_check(step: int, accuracy: float) -> None:
     mlflow.log_metric("check_acc", accuracy, step=step)
 
 
-def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor, model_format: str | None) -> None:
-    """The run's config files, its weights as a plain state_dict, and the servable model
-    (``model_format`` "pt2" or "pickle"; None logs no model).
+def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor, model_format: str | None,
+                name: str) -> str | None:
+    """The run's config files, its weights as a plain state_dict, and the servable model named
+    ``name`` (``model_format`` "pt2" or "pickle"; None logs no model). Returns that model's id.
 
     ``example``: a few raw test images (N > 1, so the exported batch dimension stays dynamic).
     """
@@ -234,11 +242,38 @@ def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor,
     with tempfile.TemporaryDirectory() as tmp:
         if hydra_dir is not None and hydra_dir.is_dir():
             mlflow.log_artifacts(str(redacted_copy(hydra_dir, Path(tmp) / "hydra")), "hydra")
-        weights = Path(tmp) / "state_dict.pt"
-        torch.save(model.state_dict(), weights)
-        mlflow.log_artifact(str(weights), "weights")
+        mlflow.log_artifact(str(costs.save_weights(model, Path(tmp))), "weights")
     if model_format:
-        log_pytorch_model(model, example.cpu().numpy().astype(np.float32), model_format)
+        return log_pytorch_model(model, example.cpu().numpy().astype(np.float32), model_format, name)
+    return None
+
+
+def log_costs(measured: Mapping[str, float], model_id: str | None) -> None:
+    """The model's costs (:func:`costs.measure`) as the run's metrics and, given the id of the model
+    it logged, as that model's, with the run's latest scores: the columns by which MLflow's Models
+    tab sorts a study's candidates."""
+    mlflow.log_metrics(dict(measured), model_id=model_id)
+    if model_id is not None:
+        link_scores(mlflow.active_run().info.run_id, model_id)
+
+
+def link_scores(run_id: str, model_id: str) -> None:
+    """The run's latest ``MODEL_SCORES`` as metrics of its logged model too. Each is the very point
+    the run logged (same step and timestamp), so the run's own history gains no second copy."""
+    client = mlflow.MlflowClient()
+    latest = [max(history, key=lambda point: (point.step, point.timestamp))
+              for history in (client.get_metric_history(run_id, key) for key in MODEL_SCORES) if history]
+    client.log_batch(run_id, metrics=[Metric(point.key, point.value, point.timestamp, point.step, model_id=model_id)
+                                      for point in latest])
+
+
+def model_name(arch: str, widths: Sequence[int], study: str | None, trial: int | None) -> str:
+    """What a logged model is called in the Models tab: its architecture and block widths, and in a
+    study its trial (``mnist_sweep-trial7-deep-24-48-96``); MLflow refuses ``/ : . % " '`` in a name."""
+    name = "-".join([arch, *map(str, widths)])
+    if trial is not None:
+        name = f"{study}-trial{trial}-{name}"
+    return re.sub(r"[/:.%\"']", "_", name)
 
 
 def redacted_copy(source: Path, target: Path) -> Path:
@@ -251,8 +286,9 @@ def redacted_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) -> None:
-    """The model for serving and reuse: float32 (n, 1, 28, 28) raw pixels → (n, 10) class scores.
+def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str, name: str) -> str:
+    """The model for serving and reuse: float32 (n, 1, 28, 28) raw pixels → (n, 10) class scores;
+    returns its id. MLflow gives it the run's params (the resolved config), as columns of the Models tab.
 
     "pt2" (torch.export) loads without running a pickle and without this package or the model
     class: what a served or shared model should be. It costs more to write (the exporter is a heavy
@@ -262,7 +298,7 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
         scores = model(torch.from_numpy(example)).numpy()
     info = mlflow.pytorch.log_model(
         model,
-        name="model",
+        name=name,
         signature=mlflow.models.infer_signature(example, scores),
         input_example=example,
         serialization_format=model_format,
@@ -272,6 +308,7 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str) 
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
+    return info.model_id
 
 
 def grid_parent(sweep_dir: str) -> str | None:

@@ -76,12 +76,14 @@ def train_epoch(
     checks: int = 0,
     on_check: Callable[[int], None] = lambda check: None,
     augment: Augment = lambda images, generator: images,
+    on_step: Callable[[float], None] = lambda done: None,
 ) -> float:
     """One pass over ``train_set`` in an order drawn from ``seed``, each batch through ``augment``
     (its randomness drawn from ``seed`` too); returns the mean training loss.
 
     ``on_check(j)`` runs after the batch that ends the j-th of ``checks + 1`` equal parts of the
-    epoch, for j = 1..checks (the epoch's end is the caller's).
+    epoch, for j = 1..checks (the epoch's end is the caller's). ``on_step(done)`` runs after every
+    batch with the fraction of the epoch done: a cheap poll (a deadline) that stops training by raising.
     """
     model.train()
     total = torch.zeros((), device=train_set.labels.device)
@@ -101,6 +103,7 @@ def train_epoch(
         if step in check_after:
             on_check(check_after[step])
             model.train()
+        on_step(step / steps)
     return total.item() / len(train_set)
 
 
@@ -119,6 +122,14 @@ def evaluate(
         loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
     return {"loss": loss.item() / len(split), "acc": correct.item() / len(split)}
+
+
+def scores(model: nn.Module, test_set: Split, val_set: Split | None, batch_size: int) -> dict[str, float]:
+    """``test_loss``, ``test_acc`` and, with a validation split, ``val_loss`` and ``val_acc``."""
+    fmt = memory_format(test_set.labels.device)
+    scored = {"test": test_set} | ({"val": val_set} if val_set is not None else {})
+    return {f"{name}_{key}": value for name, split in scored.items()
+            for key, value in evaluate(model, split, batch_size, fmt).items()}
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -141,6 +152,7 @@ def fit(
     on_check: CheckCallback = lambda step, accuracy: None,
     val_set: Split | None = None,
     augment: Augment = lambda images, generator: images,
+    on_step: Callable[[float], None] = lambda done: None,
 ) -> dict[str, float]:
     """Train for ``epochs``, each batch through ``augment``, evaluating on ``test_set`` (``test_acc``,
     ``test_loss``) and ``val_set`` if any (``val_acc``, ``val_loss``) after each epoch; returns
@@ -148,7 +160,8 @@ def fit(
 
     ``checks_per_epoch`` times inside each epoch (evenly spaced), the accuracy on ``check_set`` goes
     to ``on_check(step, accuracy)``; ``step`` counts checks and epoch ends together, so epoch e
-    ends at step ``e * (checks_per_epoch + 1)``. A callback stops training by raising.
+    ends at step ``e * (checks_per_epoch + 1)``. ``on_step(done)`` runs after every batch with the
+    epochs done so far (2.5: half of the third). A callback stops training by raising.
     Raises :class:`Diverged` as soon as the loss is not finite.
     """
     device = train_set.labels.device
@@ -164,16 +177,14 @@ def fit(
             on_check(first_step + j, evaluate(model, check_set, eval_batch_size, fmt)["acc"])
 
         train_loss = train_epoch(model, optimizer, scheduler, train_set, batch_size, seed + epoch, fmt, progress,
-                                 checks_per_epoch if check_set is not None else 0, check, augment)
+                                 checks_per_epoch if check_set is not None else 0, check, augment,
+                                 lambda done: on_step(epoch - 1 + done))
         if device.type == "cuda":
             torch.cuda.synchronize()  # so the time below is the epoch's, not the launch queue's
         seconds = time.perf_counter() - start
-        scored = {"test": test_set} | ({"val": val_set} if val_set is not None else {})
-        scores = {f"{name}_{key}": value for name, split in scored.items()
-                  for key, value in evaluate(model, split, eval_batch_size, fmt).items()}
         metrics = {
             "train_loss": train_loss,
-            **scores,
+            **scores(model, test_set, val_set, eval_batch_size),
             "epoch_seconds": seconds,
             "images_per_second": len(train_set) / seconds,
             "eval_seconds": time.perf_counter() - start - seconds,  # what a run spends beyond these two is overhead

@@ -11,26 +11,42 @@ its process and its sweeper record heartbeats, so a live worker can fail the tri
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterable
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 
 import optuna
+import sqlalchemy
+import sqlalchemy.orm
 from optuna.trial import TrialState
 
 from mnist_sweep import stores
+
+log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run that trained it
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
 FAILURE_ATTR = "failure"  # trial user attribute: why it failed, where its job could not say (it was ended)
 WORKER_ATTR = "worker"  # trial user attribute: the host and process id of the job that runs it
+DEADLINE_ATTR = "deadline"  # trial user attribute: where the sweep's deadline stopped it (a PRUNED trial)
 
 
 class StudyError(RuntimeError):
     """The study or trial a job was handed cannot be used; the message says why."""
+
+
+class DeadlineReached(optuna.TrialPruned):
+    """The sweep's deadline (``hydra.sweeper.timeout``) passed while the trial trained: it stops
+    where it is and ends as a pruned trial does. ``done``: the epochs it trained (2.5: half of the third)."""
+
+    def __init__(self, message: str, done: float):
+        super().__init__(message)
+        self.done = done
 
 
 class JobEnded(RuntimeError):
@@ -92,6 +108,18 @@ def worker_gone(trial: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
+def best_finished(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The study's best finished trial: of those completed, and those the sweep's deadline stopped
+    (scored as they stood, and exported if they led), so a search cut short by its deadline still
+    has a champion. None before any."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
+                if t.state == TrialState.COMPLETE or DEADLINE_ATTR in t.user_attrs]
+    if not finished:
+        return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(finished, key=lambda t: t.value)
+
+
 class Heartbeat:
     """Records a heartbeat for ``trials`` every ``interval`` seconds while the block runs
     (Optuna's own heartbeat thread only runs inside ``Study.optimize``). No interval: no thread."""
@@ -104,7 +132,13 @@ class Heartbeat:
     def _beat(self) -> None:
         while True:
             for trial in self.trial_ids:
-                self.storage.record_heartbeat(trial)
+                try:
+                    self.storage.record_heartbeat(trial)
+                except Exception as err:  # noqa: BLE001 - the thread must outlive a database restart
+                    if not stores.database_gone(err):
+                        raise
+                    log.warning("no heartbeat for a trial (%s): the next one in %s s", stores.one_line(err),
+                                self.interval)
             if self.stop.wait(self.interval):
                 return
 
@@ -123,7 +157,8 @@ class JobTrial:
     """One job's handle on its trial: what it reports, whether it should stop, how it ended.
 
     Used as a context manager around training: heartbeats while inside; an exception that
-    escapes fails the trial (a pruned or finished trial stays as it is).
+    escapes fails the trial (a pruned or finished trial stays as it is). With a ``deadline`` (Unix
+    time: the sweep's, handed over like the trial number), training stops at the first step past it.
 
     The pruner's step is the percent of its training a trial has done: trials of 2 and 8 epochs
     meet at 25%, 50%, ..., each at the same point of its learning-rate schedule (at "epoch 1" an
@@ -131,21 +166,26 @@ class JobTrial:
     """
 
     def __init__(self, study: optuna.Study, number: int, storage: optuna.storages.RDBStorage,
-                 heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int):
-        found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-        if not found:
-            raise StudyError(f"study {study.study_name!r} has no trial {number}")
-        if found[0].state != TrialState.RUNNING:
-            raise StudyError(f"trial {number} of study {study.study_name!r} is already {found[0].state.name}")
+                 heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int,
+                 deadline: float | None = None):
+        # its trial alone, by number: reading the study's trials to find it took seconds at thousands
+        try:
+            found = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+                storage.get_study_id_from_name(study.study_name), number))
+        except KeyError:
+            raise StudyError(f"study {study.study_name!r} has no trial {number}") from None
+        if found.state != TrialState.RUNNING:
+            raise StudyError(f"trial {number} of study {study.study_name!r} is already {found.state.name}")
         self.study, self.number, self.study_name = study, number, study.study_name
-        self.trial = optuna.trial.Trial(study, trial_id(found[0]))
-        self.heartbeat = Heartbeat(storage, [trial_id(found[0])], heartbeat_interval)
-        if found[0].user_attrs.get(WORKER_ATTR) != this_worker():  # a job in its sweeper's process: already there
-            storage.set_trial_user_attr(trial_id(found[0]), WORKER_ATTR, this_worker())
-        self.objective, self.epochs = objective, epochs
+        self.trial = optuna.trial.Trial(study, trial_id(found))
+        self.heartbeat = Heartbeat(storage, [trial_id(found)], heartbeat_interval)
+        if found.user_attrs.get(WORKER_ATTR) != this_worker():  # a job in its sweeper's process: already there
+            storage.set_trial_user_attr(trial_id(found), WORKER_ATTR, this_worker())
+        self.objective, self.epochs, self.deadline = objective, epochs, deadline
         # intermediate checks only feed a pruner: without one they would cost time for nothing
         self.checks = 0 if isinstance(study.pruner, optuna.pruners.NopPruner) else checks_per_epoch
         self.last_value: float | None = None
+        self.last_percent = -1  # the step of its last report
 
     def __enter__(self) -> JobTrial:
         self.heartbeat.__enter__()
@@ -153,7 +193,9 @@ class JobTrial:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.heartbeat.__exit__()
-        if kind is not None and not issubclass(kind, optuna.TrialPruned):
+        # A store that went away leaves the trial RUNNING: its sweeper (or, were it gone too, the next
+        # worker) fails it with the reason and re-queues it (max_retry), as a killed job's trial
+        if kind is not None and not issubclass(kind, optuna.TrialPruned) and not stores.gone(error):
             self.study.tell(self.number, state=TrialState.FAIL, skip_if_finished=True)
 
     @property
@@ -176,9 +218,27 @@ class JobTrial:
     def _report(self, step: int, value: float) -> None:
         percent = round(100 * step / (self.epochs * (self.checks + 1)))
         self.trial.report(value, percent)
-        self.last_value = value
+        self.last_value, self.last_percent = value, percent
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"trial {self.number} pruned at {percent}% of its training ({value:.4f})")
+
+    def check_deadline(self, done: float) -> None:
+        """After each training step (``done``: epochs trained): raises :class:`DeadlineReached` once
+        the sweep's deadline has passed."""
+        if self.deadline is not None and time.time() >= self.deadline:
+            percent = int(100 * done / self.epochs)
+            raise DeadlineReached(f"trial {self.number} stopped by the sweep's deadline (hydra.sweeper.timeout) "
+                                  f"at {percent}% of its training", done)
+
+    def stopped_at_deadline(self, done: float, value: float) -> float:
+        """End a trial the deadline stopped: PRUNED, with ``value`` (its model scored as it stands)
+        as its last report, and :data:`DEADLINE_ATTR` on it. Returns the value."""
+        # a later step than any check's, so this value is the one Optuna keeps for the trial
+        percent = max(int(100 * done / self.epochs), self.last_percent + 1)
+        self.trial.report(value, percent)
+        self.last_value = value
+        self.trial.set_user_attr(DEADLINE_ATTR, f"stopped at {percent}% of its training")
+        return self.prune()
 
     def leads(self, value: float) -> bool:
         """Whether ``value`` is at least as good as every completed trial's (true before any): such a
@@ -221,6 +281,9 @@ class NoTrial:
     def report_check(self, step: int, accuracy: float) -> None:
         pass
 
+    def check_deadline(self, done: float) -> None:
+        pass
+
     def leads(self, value: float) -> bool:
         return True  # a run of its own always keeps its model
 
@@ -229,9 +292,10 @@ class NoTrial:
 
 
 def join(study_name: str | None, number: int | None, storage_url: str | None, pruner: optuna.pruners.BasePruner,
-         heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int) -> JobTrial | NoTrial:
+         heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int,
+         deadline: float | None = None) -> JobTrial | NoTrial:
     """The job's handle on trial ``number`` of ``study_name``, as its sweeper handed it (both None:
-    no study trial)."""
+    no study trial), with the sweep's ``deadline`` (Unix time; None: none)."""
     if number is None:
         return NoTrial()
     if not storage_url:
@@ -241,4 +305,43 @@ def join(study_name: str | None, number: int | None, storage_url: str | None, pr
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
     except KeyError:
         raise StudyError(f"no study {study_name!r} in {stores.redact(storage_url)}") from None
-    return JobTrial(study, number, storage, heartbeat_interval, objective, epochs, checks_per_epoch)
+    return JobTrial(study, number, storage, heartbeat_interval, objective, epochs, checks_per_epoch, deadline)
+
+
+class MedianPruner(optuna.pruners.MedianPruner):
+    """Optuna's median pruner (hydra/sweeper/pruner=median), its decision unchanged, reading only what
+    it decides on: the completed trials' values at the step being checked, one row each. Optuna's
+    reads every trial whole (params, attributes, every report), and a job's study starts with an
+    empty cache: at thousands of trials its first report took seconds (``bench --growth``)."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps an RDBStorage in a cache
+        if not isinstance(storage, optuna.storages.RDBStorage) or trial.last_step is None:
+            return super().prune(study, trial)
+        return super().prune(CompletedAtStep(study, storage, trial.last_step), trial)
+
+
+class CompletedAtStep:
+    """What Optuna's percentile pruner reads of a study, for one step: the study's direction, and
+    its completed trials, each with its value at ``step`` alone (none where it made no report there)."""
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.RDBStorage, step: int):
+        from optuna.storages._rdb import models  # Optuna's tables; the pruner's one query reads two of them
+
+        self.direction, self.step = study.direction, step
+        trials, values = models.TrialModel, models.TrialIntermediateValueModel
+        with sqlalchemy.orm.Session(storage.engine) as session:
+            rows = (session.query(values.intermediate_value, values.intermediate_value_type)
+                    .select_from(trials)
+                    .outerjoin(values, sqlalchemy.and_(values.trial_id == trials.trial_id, values.step == step))
+                    .join(models.StudyModel, models.StudyModel.study_id == trials.study_id)
+                    .filter(models.StudyModel.study_name == study.study_name, trials.state == TrialState.COMPLETE)
+                    .all())
+        self.trials = [SimpleNamespace(intermediate_values={} if kind is None else
+                                       {step: values.stored_repr_to_intermediate_value(value, kind)})
+                       for value, kind in rows]
+
+    def get_trials(self, deepcopy: bool = False, states: Iterable[TrialState] | None = None) -> list[SimpleNamespace]:
+        if states is None or set(states) != {TrialState.COMPLETE}:
+            raise NotImplementedError("only the completed trials are read for a step")
+        return self.trials

@@ -5,9 +5,11 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -19,6 +21,7 @@ from mnist_sweep import data, tensors, tracking
 from mnist_sweep.config import CONF_DIR
 from mnist_sweep.run import main
 from mnist_sweep.model import ConvNet
+from mnist_sweep.trial import DEADLINE_ATTR, open_storage
 
 
 def run_in_process(overrides: list[str], output_dir) -> float:
@@ -92,6 +95,18 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     signature = logged.metadata.signature.inputs.to_dict()[0]
     assert tuple(signature["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
 
+    # MLflow's Models tab: the model named for what it is, with the run's params, last scores and costs
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.name == "shallow-4-8" and model.source_run_id == run.info.run_id
+    assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}"
+    assert model.params == params
+    linked = {metric.key: metric.value for metric in model.metrics}
+    assert linked == {key: run.data.metrics[key] for key in ("test_acc", "test_loss", "param_count", "latency_ms",
+                                                             "latency_ms_iqr", "model_bytes")}
+    assert linked["param_count"] == sum(p.numel() for p in net.parameters())
+    assert linked["model_bytes"] == os.path.getsize(weights)  # the weights file the run logged
+    assert linked["latency_ms"] > 0
+
 
 def test_a_validation_split_is_scored_each_epoch_and_is_what_the_run_returns(overrides, tiny_mnist, tmp_path):
     score = run_in_process([*overrides, "data.val_size=64", "epochs=2", "augment=shift",
@@ -130,6 +145,8 @@ def test_in_process_run_returns_the_logged_final_accuracy(overrides, tmp_path):
     assert run.info.status == "FINISHED"
     assert score == run.data.metrics["test_acc"]
     assert score > 0.5  # the tiny digits are learnable: a broken loop would sit near 0.1
+    # no model logged (model_format=null), its costs all the same
+    assert {"param_count", "latency_ms", "latency_ms_iqr", "model_bytes"} <= set(run.data.metrics)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -190,3 +207,24 @@ def test_a_run_that_fills_its_disk_says_so_in_one_line_as_a_user_meets_it(overri
     done = run_cli("mnist_sweep", *args, "model=deep", "model.channels=[64,256]")
     assert_one_line_error(done, f"the disk holding {outputs} ran out of space", "free space there")
     assert statuses(mlflow.MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")) == ["FINISHED", "FAILED"]
+
+
+def test_a_trial_past_its_sweeps_deadline_stops_pruned_scored_as_it_stands_with_its_model(overrides, tmp_path):
+    """The deadline stops a trial at its next step: its run ends KILLED with the `deadline` tag, its
+    metrics and (as the study's leader) its model kept, and its trial PRUNED with that score."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    study = optuna.create_study(study_name="mnist_sweep", storage=storage, direction="maximize")
+    number = study.ask().number
+    score = run_in_process([*overrides, "epochs=3", "optuna.study=mnist_sweep", f"optuna.trial={number}",
+                            f"optuna.deadline={time.time():.3f}"], tmp_path / "run")
+    run = only_run(store(tmp_path))
+    assert run.info.status == "KILLED"
+    # it stopped at its first step: 1 of 30 (3 epochs of 10 batches)
+    assert run.data.tags[tracking.DEADLINE_TAG] == (
+        f"trial {number} stopped by the sweep's deadline (hydra.sweeper.timeout) at 3% of its training")
+    assert tracking.PRUNED_TAG not in run.data.tags
+    (ended,) = optuna.load_study(study_name="mnist_sweep", storage=storage).get_trials()
+    assert ended.state == optuna.trial.TrialState.PRUNED and DEADLINE_ATTR in ended.user_attrs
+    assert score == ended.value == run.data.metrics["test_acc"]  # scored as it stood when it stopped
+    assert [m.step for m in store(tmp_path).get_metric_history(run.info.run_id, "test_acc")] == [1]
+    assert tracking.MODEL_URI_TAG in run.data.tags  # it leads the study: its model is exported

@@ -32,7 +32,8 @@ from mnist_sweep.stack import free_port
 from mnist_sweep.registry import CHAMPION, REGISTERED_MODEL
 from mnist_sweep.sweep_tracking import FAILURE_TAG
 from mnist_sweep.tracking import STUDY_TAG
-from mnist_sweep.trial import FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR, WORKER_ATTR, open_storage, this_worker, trial_id
+from mnist_sweep.trial import (DEADLINE_ATTR, FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR, WORKER_ATTR, open_storage,
+                               this_worker, trial_id)
 
 
 
@@ -108,6 +109,51 @@ def test_exactly_one_worker_creates_the_study(storage):
 def test_a_job_is_told_its_trial_whatever_the_study_is_called():
     assert sweeper.handover("mnist_sweep", 7) == ("optuna.study='mnist_sweep'", "optuna.trial=7")
     assert sweeper.handover("it's a\\study", 0)[0] == "optuna.study='it\\'s a\\\\study'"
+    # the deadline travels the same way, so a job in another process or on another machine has it
+    assert sweeper.handover("s", 1, 1764547200.25)[2] == "optuna.deadline=1764547200.250"
+
+
+SPACE = sweeper.parse_space(["model=choice(shallow, deep)", "epochs=choice(2, 4, 8)",
+                             "optim.lr=tag(log, interval(0.02, 0.3))", "model.channels=range(8, 32, step=8)"])[0]
+
+
+def test_enqueued_points_must_lie_in_the_search_space_or_it_is_one_line_naming_them():
+    sweeper.check_points([{"model": "deep", "epochs": 4, "optim.lr": 0.1, "model.channels": 16}, {"epochs": 2}], SPACE)
+    for point, why in (({"optim.lr": 0.5}, "optim.lr=0.5 is outside its search range"),
+                       ({"model": "wide"}, "model=wide is outside its search range"),
+                       ({"model.channels": 12}, "model.channels=12 is outside its search range"),
+                       ({"epochs": "four"}, "epochs=four is outside its search range"),
+                       ({"optim.momentum": 0.9}, "optim.momentum is not in the search space (model, epochs")):
+        with pytest.raises(ConfigError) as error:
+            sweeper.check_points([{"epochs": 2}, point], SPACE)
+        assert str(error.value).startswith(f"enqueued point 1 ({point}): ") and why in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+def test_enqueued_points_are_the_first_trials_and_a_rerun_does_not_queue_them_again(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    points = [{"model": "deep", "epochs": 4, "optim.lr": 0.1, "model.channels": 16}, {"epochs": 8}]
+    sweeper.enqueue(study, points)
+    sweeper.enqueue(study, points)  # the same command again, or a second worker: queued once
+    first, second = study.ask(), study.ask()
+    for trial in (first, second):
+        for name, distribution in SPACE.items():
+            trial._suggest(name, distribution)  # as the sweeper suggests each trial's params
+    assert first.params == points[0]
+    assert second.params["epochs"] == 8 and set(second.params) == set(SPACE)  # the rest sampled
+    assert len(study.trials) == 2
+
+
+def test_a_warm_start_takes_another_studys_best_trials_best_first(storage):
+    source = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    for lr, value in ((0.05, 0.97), (0.1, 0.99), (0.2, 0.98)):
+        source.add_trial(optuna.trial.create_trial(params={"optim.lr": lr}, value=value,
+                                                   distributions={"optim.lr": SPACE["optim.lr"]}))
+    source.tell(source.ask(), state=TrialState.FAIL)
+    assert sweeper.best_points(storage, "old", 2) == [{"optim.lr": 0.1}, {"optim.lr": 0.2}]
+    assert sweeper.best_points(storage, None, 5) == []
+    with pytest.raises(ConfigError, match="hydra.sweeper.warm_start.study=gone: no such study"):
+        sweeper.best_points(storage, "gone", 5)
 
 
 def test_the_results_file_holds_the_best_trial_so_far(storage, tmp_path):
@@ -426,6 +472,10 @@ def test_a_search_range_optuna_rejects_or_a_study_file_that_is_no_database_is_on
     assert_one_line_error(run_cli("mnist_sweep", "-m", *overrides), f"{notes} is not an SQLite database",
                           "move it away")
     assert notes.read_text() == "my notes, not a database"
+    notes.unlink()
+    assert_one_line_error(run_cli("mnist_sweep", "-m", *overrides, "hydra.sweeper.enqueue=[{optim.lr:5}]"),
+                          "enqueued point 0 ({'optim.lr': 5}): optim.lr=5 is outside its search range")
+    assert optuna.get_all_study_names(open_storage(f"sqlite:///{notes}")) == []  # refused before the study was made
 
 
 @pytest.mark.slow
@@ -464,8 +514,40 @@ def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
     other.ask()
     done = sweep(overrides, "hydra.sweeper.n_trials=4", "hydra.sweeper.max_trials=3")
     assert len(study(tmp_path).get_trials()) == 3 and "hydra.sweeper.max_trials=3 trials" in done.stdout + done.stderr
-    sweep(overrides, "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=0.5", "hydra.sweeper.study_name=timed")
-    assert len(study(tmp_path, "timed").get_trials()) == 1  # the first trial outlasts the budget
+    # a budget shorter than a trial: no second trial starts, and the first stops where it is
+    # (10 s: the sweep's own start must fit in it; 2000 tiny epochs would take minutes)
+    sweep(overrides, "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=10", "hydra.sweeper.study_name=timed",
+          "epochs=2000")
+    (cut,) = study(tmp_path, "timed").get_trials()
+    assert cut.state == TrialState.PRUNED and DEADLINE_ATTR in cut.user_attrs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    run = client.get_run(cut.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "KILLED" and "stopped by the sweep's deadline" in run.data.tags[tracking.DEADLINE_TAG]
+    assert run.data.metrics["test_acc"] == pytest.approx(cut.value)  # its metrics kept
+    # the only trial that reported leads: its model is exported, and it is the study's best (the
+    # registry's champion is the best of this store's studies: the first one's, here)
+    parent = client.get_run(study(tmp_path, "timed").user_attrs[PARENT_ATTR])
+    assert parent.data.tags["best_run_id"] == run.info.run_id and tracking.MODEL_URI_TAG in run.data.tags
+    # finish_running: today's soft budget, the running trial trains to its end
+    sweep(overrides, "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=10", "hydra.sweeper.study_name=soft",
+          "hydra.sweeper.finish_running=true", "epochs=30")
+    (kept,) = study(tmp_path, "soft").get_trials()
+    assert kept.state == TrialState.COMPLETE and max(kept.intermediate_values) == 100  # all 30 epochs
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_deadline_and_run_the_enqueued_points_first(overrides, tmp_path):
+    """Jobs in processes of their own (joblib) read the sweep's deadline from their config."""
+    sweep(overrides, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+          "hydra.sweeper.n_trials=4", "hydra.sweeper.timeout=10", "epochs=2000",
+          "hydra.sweeper.enqueue=[{optim.lr:0.05,model:deep},{optim.lr:0.1}]")
+    trials = study(tmp_path).get_trials()
+    assert len(trials) == 2  # one batch, started before the deadline; none after it
+    assert [t.params["optim.lr"] for t in trials] == [0.05, 0.1] and trials[0].params["model"] == "deep"
+    assert all(t.state == TrialState.PRUNED and DEADLINE_ATTR in t.user_attrs for t in trials)
+    _, (parent,), children = runs(tmp_path)
+    assert {k.info.status for k in children[parent.info.run_id]} == {"KILLED"} and parent.info.status == "FINISHED"
+    assert all(tracking.DEADLINE_TAG in k.data.tags for k in children[parent.info.run_id])
 
 
 @pytest.mark.slow

@@ -92,3 +92,19 @@ def test_threads_zero_splits_the_cores_among_parallel_workers(monkeypatch):
         assert train.set_threads(5, parallel_workers=3) == 5
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_step_reports_the_epochs_done_and_a_raise_stops_training(digits):
+    train_set, test_set = digits
+    steps = -(-len(train_set) // 80)  # batches an epoch
+    seen = []
+
+    def on_step(done: float) -> None:
+        seen.append(done)
+        if done >= 1.5:
+            raise TimeoutError  # what a deadline does
+
+    with pytest.raises(TimeoutError):
+        fit(train_set, test_set, epochs=3, batch_size=80, on_step=on_step)
+    assert seen == [pytest.approx(n / steps) for n in range(1, len(seen) + 1)]  # after every batch
+    assert 1.5 <= seen[-1] < 1.5 + 1 / steps  # it stopped at the first step past the mark, mid-second epoch

@@ -1,6 +1,9 @@
 """A job's side of its trial, on a real study database (no sweep, no training): joining it, what it
 reports and at which step, when it stops, and how it ends."""
 
+import random
+import time
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -136,3 +139,100 @@ def test_a_trial_records_its_job_so_a_worker_on_its_host_knows_at_once_when_the_
     assert trial.worker_gone(frozen())
     storage.set_trial_user_attr(trial.trial_id(held.trial), trial.WORKER_ATTR, {"host": "elsewhere", "pid": 1})
     assert not trial.worker_gone(frozen())  # another host's: only its heartbeat can tell
+
+
+def test_past_its_deadline_a_trial_stops_at_its_next_step_and_ends_pruned_with_its_score(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    before = JobTrial(study, study.ask().number, storage, None, "test_acc", 4, 0, deadline=time.time() + 3600)
+    before.check_deadline(1.5)  # an hour left: nothing happens
+    late = JobTrial(study, study.ask().number, storage, None, "test_acc", 4, 0, deadline=time.time() - 1)
+    late.report_epoch(1, {"test_acc": 0.5})
+    with pytest.raises(trial.DeadlineReached, match=f"trial {late.number} stopped by the sweep's deadline .* at 62%"
+                       ) as reached:
+        late.check_deadline(2.5)
+    assert reached.value.done == 2.5 and isinstance(reached.value, optuna.TrialPruned)  # ends as a pruned run
+    assert late.stopped_at_deadline(reached.value.done, 0.7) == 0.7
+    (ended,) = [t for t in study.get_trials() if t.number == late.number]
+    assert ended.state == TrialState.PRUNED and ended.value == 0.7  # the score as it stood, not the last check's
+    assert ended.intermediate_values == {25: 0.5, 62: 0.7}
+    assert ended.user_attrs[trial.DEADLINE_ATTR] == "stopped at 62% of its training"
+
+
+def test_a_deadline_right_after_a_report_still_keeps_the_final_score(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    late = JobTrial(study, study.ask().number, storage, None, "test_acc", 4, 0, deadline=time.time() - 1)
+    late.report_epoch(1, {"test_acc": 0.5})  # at 25%
+    late.stopped_at_deadline(1.0, 0.6)  # also 25% of its training: the next step, so Optuna keeps it
+    assert study.trials[0].intermediate_values == {25: 0.5, 26: 0.6} and study.trials[0].value == 0.6
+
+
+def test_the_best_finished_trial_counts_those_the_deadline_stopped_but_not_pruned_ones(storage):
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    assert trial.best_finished(study) is None
+    study.tell(study.ask(), 0.6)
+    pruned = study.ask()
+    pruned.report(0.9, 10)
+    study.tell(pruned, state=TrialState.PRUNED)  # a laggard the pruner stopped: never the best
+    assert trial.best_finished(study).value == 0.6
+    cut = JobTrial(study, study.ask().number, storage, None, "test_acc", 1, 0, deadline=time.time() - 1)
+    cut.stopped_at_deadline(0.5, 0.8)
+    assert trial.best_finished(study).number == cut.number  # scored as it stood, and exported: it leads
+
+
+def finished_trials(study: optuna.Study, n: int, rng: random.Random) -> None:
+    """``n`` trials of every end, reporting at a random subset of the steps 0..9 (a NaN or an inf now and then)."""
+    for _ in range(n):
+        asked = study.ask()
+        for step in sorted(rng.sample(range(10), rng.randint(0, 10))):
+            asked.report(rng.choice([float("nan"), float("inf"), rng.random()]) if rng.random() < 0.05
+                         else rng.random(), step)
+        end = rng.choice([TrialState.COMPLETE] * 3 + [TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING])
+        if end != TrialState.RUNNING:
+            study.tell(asked, rng.random() if end == TrialState.COMPLETE else None, state=end)
+
+
+@pytest.mark.parametrize("settings", [dict(n_startup_trials=4, n_warmup_steps=3, interval_steps=1, n_min_trials=1),
+                                      dict(n_startup_trials=0, n_warmup_steps=0, interval_steps=2, n_min_trials=3)])
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_the_median_pruner_decides_as_optunas_from_the_values_at_the_step_alone(storage, settings, direction):
+    rng = random.Random(f"{settings}{direction}")
+    study = optuna.create_study(study_name="s", storage=storage, direction=direction)
+    ours, optunas = trial.MedianPruner(**settings), optuna.pruners.MedianPruner(**settings)
+    decisions = []
+    for _ in range(4):  # the study grows between rounds: the startup count, then the medians, decide
+        finished_trials(study, 5, rng)
+        for _ in range(5):
+            running = study.ask()
+            for step in sorted(rng.sample(range(10), 6)):
+                running.report(rng.random(), step)
+                frozen = storage.get_trial(trial.trial_id(running))
+                decisions.append(ours.prune(study, frozen))
+                assert decisions[-1] == optunas.prune(study, frozen), (step, frozen.intermediate_values)
+    assert True in decisions and False in decisions  # both ways, or the comparison proved little
+
+
+def test_a_job_reads_its_own_trial_never_the_studys_trials(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    finished_trials(study, 20, random.Random(0))
+    number = study.ask().number
+    reads = []
+    read = optuna.storages.RDBStorage._get_trials
+
+    def counted(self, *args, **kwargs):
+        reads.append(args)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_get_trials", counted)  # every read of a study's trials
+    job = trial.join("s", number, url, trial.MedianPruner(n_startup_trials=1, n_warmup_steps=0), None,
+                     "test_acc", 2, 1)
+    with pytest.raises(optuna.TrialPruned):  # the pruner did decide, on the completed trials' values
+        for step in range(1, 5):
+            job.report_check(step, 0.0)
+    assert job.leads(0.0) is False
+    assert reads == []
+    monkeypatch.undo()
+    with pytest.raises(StudyError, match="has no trial 99"):
+        trial.join("s", 99, url, optuna.pruners.NopPruner(), None, "test_acc", 2, 1)
+    with pytest.raises(StudyError, match=f"trial {number - 1} of study 's' is already"):
+        trial.join("s", number - 1, url, optuna.pruners.NopPruner(), None, "test_acc", 2, 1)

@@ -3,11 +3,13 @@ with the study as the unit of a sweep.
 
 Every ``python -m mnist_sweep -m`` on the same storage and study name is one more worker of the
 study, on this machine or another. In batches of ``n_jobs`` it asks the study for trials, launches
-a job for each (``optuna.study=<name> optuna.trial=<number>``: the job reports to its trial itself,
-see :mod:`mnist_sweep.trial`), and records what a job could not tell its trial. Between batches it
+a job for each (``optuna.study=<name> optuna.trial=<number>``, and with ``timeout`` the sweep's
+deadline, ``optuna.deadline=<Unix time>``: the job reports to its trial itself and stops at the
+deadline, see :mod:`mnist_sweep.trial`), and records what a job could not tell its trial. Between batches it
 fails the trials of dead workers (no heartbeat) and keeps to the budgets. The sampler's seed is
 ``seed + the number of this worker's first trial``: one worker replays the same search from the same
-seed, and workers starting together draw different points. Its search-space syntax and config keys
+seed, and workers starting together draw different points. Points given with ``enqueue`` or taken
+from another study (``warm_start``) are evaluated first. Its search-space syntax and config keys
 are hydra-optuna-sweeper's, plus the ones in :class:`mnist_sweep.config.StudySweeperConfig`.
 """
 
@@ -34,8 +36,8 @@ from optuna.trial import TrialState
 from mnist_sweep import stores
 from mnist_sweep.cli import one_line_errors
 from mnist_sweep.config import ConfigError
-from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, StudyError, open_storage, trial_id,
-                               worker_gone)
+from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, StudyError, best_finished, open_storage,
+                               trial_id, worker_gone)
 
 log = logging.getLogger("mnist_sweep.sweeper")
 # hydra-optuna-sweeper 1.3 still builds optuna 2's distribution classes; optuna 4 and 5 accept them.
@@ -61,31 +63,39 @@ class StudySweeper(OptunaSweeperImpl):
 
     def __init__(self, *, tracker: Tracker, pruner: optuna.pruners.BasePruner, heartbeat_interval: int | None,
                  grace_period: int | None, max_retry: int, max_trials: int | None, timeout: float | None,
-                 **optuna_sweeper: Any) -> None:
+                 finish_running: bool, enqueue: Sequence[Any], warm_start: Any, **optuna_sweeper: Any) -> None:
         super().__init__(**optuna_sweeper)
         self.tracker, self.pruner = tracker, pruner
         self.heartbeat_interval, self.grace_period, self.max_retry = heartbeat_interval, grace_period, max_retry
-        self.max_trials, self.timeout = max_trials, timeout
+        self.max_trials, self.timeout, self.finish_running = max_trials, timeout, finish_running
+        self.enqueue = [OmegaConf.to_container(point) if OmegaConf.is_config(point) else point for point in enqueue]
+        self.warm_start = warm_start
         self.seeded = False  # the sampler is rebuilt with this worker's seed at its first trial
 
     def sweep(self, arguments: list[str]) -> None:
         config = self.config
         writes = stores.written(config.paths.outputs, config.mlflow.tracking_uri, config.mlflow.artifact_root,
                                 self.storage, config.hydra.sweep.dir)
-        with one_line_errors(StudyError, stores.StoreError, ConfigError, writes=writes):
+        with (one_line_errors(StudyError, stores.StoreError, ConfigError, writes=writes),
+              stores.answering("the study's database", self.storage or "")):  # a restart mid-sweep: one line
             if not self.storage or not self.study_name:
                 raise StudyError("a sweep needs hydra.sweeper.storage and hydra.sweeper.study_name: its jobs, and "
                                  "other workers, reach the study through them (stores=server reads $OPTUNA_STORAGE)")
+            deadline = time.time() + self.timeout if self.timeout else math.inf  # wall clock: jobs elsewhere read it
             space, fixed = self._search_space(arguments)
             storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry)
+            points = [*self.enqueue, *best_points(storage, self.warm_start.study, self.warm_start.top)]
+            check_points(points, space)  # before the study exists or any trial starts
             study, created = open_study(storage, self.study_name, self._get_directions(), self.pruner)
             log.info("study %s in %s (%s, pruner %s)", study.study_name, stores.redact(self.storage),
                      "new" if created else f"{len(study.trials)} trials so far", type(self.pruner).__name__)
+            with stores.lock(self.storage):  # two workers starting together enqueue each point once
+                enqueue(study, points)
             self.tracker.open(study, created)
             results = f"{self.config.hydra.sweep.dir}/optimization_results.yaml"
             try:
                 with ctrl_c_remembered() as interrupted:
-                    self._run_batches(study, storage, space, fixed, interrupted)
+                    self._run_batches(study, storage, space, fixed, interrupted, deadline)
             except BaseException:
                 close_quietly(self.tracker, study, results)
                 raise
@@ -101,8 +111,9 @@ class StudySweeper(OptunaSweeperImpl):
         return {k: v for k, v in space.items() if k not in fixed}, fixed
 
     def _run_batches(self, study: optuna.Study, storage: optuna.storages.RDBStorage, space: dict, fixed: dict,
-                     interrupted: threading.Event) -> None:
-        deadline = time.monotonic() + self.timeout if self.timeout else math.inf
+                     interrupted: threading.Event, deadline: float) -> None:
+        # the jobs stop where they are at the deadline, unless finish_running keeps them to their end
+        job_deadline = None if self.finish_running or math.isinf(deadline) else deadline
         todo = self.n_trials
         while todo > 0:
             if interrupted.is_set():  # a Ctrl-C that Python swallowed still stops the sweep, between trials
@@ -112,18 +123,22 @@ class StudySweeper(OptunaSweeperImpl):
                 optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (and re-queued)
             fail_abandoned(study, storage)  # those whose job on this host is gone: at once
             self.tracker.check(study)
-            size, why_none = next_batch(todo, self.n_jobs, room(study, self.max_trials), deadline, time.monotonic())
+            size, why_none = next_batch(todo, self.n_jobs, room(study, self.max_trials), deadline, time.time())
             if not size:
                 log.info("%s", why_none.format(max_trials=self.max_trials, timeout=self.timeout))
                 return
             trials = [self._ask(study, space, fixed) for _ in range(size)]
-            overrides = [(*params, *handover(study.study_name, trial.number)) for trial, params in trials]
+            overrides = [(*params, *handover(study.study_name, trial.number, job_deadline)) for trial, params in trials]
             try:
                 with Heartbeat(storage, [trial_id(t) for t, _ in trials], self.heartbeat_interval):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except BaseException:  # Ctrl-C or a launcher crash: these trials will not finish
+            except BaseException as stop:  # Ctrl-C, a launcher crash, a job's one-line error: these trials end
                 for trial, _ in trials:
-                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                    if isinstance(stop, SystemExit) and storage.get_trial(trial_id(trial)).state == TrialState.RUNNING:
+                        # its job stopped the sweep (a store gone, most likely): the trial may run again
+                        fail_ended_job(study, storage, trial, f"its job stopped the sweep ({stop.code})")
+                    else:
+                        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 raise
             self.job_idx += len(returns)
             record_returns(study, storage, [t for t, _ in trials], returns, self.max_failure_rate)
@@ -166,6 +181,51 @@ def parse_space(overrides: list[str]) -> tuple[dict, dict]:
     return space, fixed
 
 
+def best_points(storage: optuna.storages.RDBStorage, study_name: str | None, top: int) -> list[dict[str, Any]]:
+    """The params of the ``top`` best completed trials of study ``study_name`` (``warm_start``; None:
+    none), best first; a multi-objective study gives its Pareto front's first ``top``."""
+    if study_name is None:
+        return []
+    try:
+        source = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"hydra.sweeper.warm_start.study={study_name}: no such study in the study's database; "
+                          "name one on the same hydra.sweeper.storage") from None
+    if len(source.directions) > 1:
+        return [dict(t.params) for t in source.best_trials[:top]]
+    done = source.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+    best_first = sorted(done, key=lambda t: t.value, reverse=source.direction == optuna.study.StudyDirection.MAXIMIZE)
+    return [dict(t.params) for t in best_first[:top]]
+
+
+def check_points(points: Sequence[dict[str, Any]], space: dict[str, Any]) -> None:
+    """Every point's keys are searched by ``space`` and its values lie in their ranges: else a
+    :class:`ConfigError` that names the point and the key (Optuna would warn, and train it anyway)."""
+    for number, point in enumerate(points):
+        for key, value in point.items():
+            where = f"enqueued point {number} ({point})"
+            if key not in space:
+                raise ConfigError(f"{where}: {key} is not in the search space ({', '.join(space)}): "
+                                  "fix the point or hydra.sweeper.params")
+            distribution = space[key]
+            try:
+                inside = distribution._contains(distribution.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                raise ConfigError(f"{where}: {key}={value} is outside its search range {distribution}: fix the point "
+                                  "or widen hydra.sweeper.params")
+
+
+def enqueue(study: optuna.Study, points: Sequence[dict[str, Any]]) -> None:
+    """Queue ``points`` to be the next trials asked (keys a point leaves out are sampled); a point the
+    study already holds, finished or queued, is not queued again (a rerun of the same command)."""
+    for point in points:
+        study.enqueue_trial(point, skip_if_exists=True)
+    if points:
+        log.info("%d points queued first (hydra.sweeper.enqueue, hydra.sweeper.warm_start)", len(points))
+
+
 def open_study(storage: optuna.storages.RDBStorage, name: str, directions: list[str],
                pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, bool]:
     """The study, and whether this worker created it (exactly one worker does: the name is unique)."""
@@ -195,8 +255,8 @@ def next_batch(todo: int, n_jobs: int, room: int | float, deadline: float, now: 
 def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, trials: Sequence[optuna.trial.Trial],
                    returns: Sequence[JobReturn], max_failure_rate: float) -> None:
     """Tell each trial its job's result unless the job already did (the usual case: only the job
-    knows whether it was pruned); a job that crashed, was ended by its scheduler or returned no
-    finite value fails its trial. Past ``max_failure_rate`` of the batch, re-raise the first
+    knows whether it was pruned); a job that crashed, was ended by its scheduler, lost a store or
+    returned no finite value fails its trial (the second and third re-queued). Past ``max_failure_rate`` of the batch, re-raise the first
     failed job's own exception."""
     failures = 0
     for trial, ret in zip(trials, returns):
@@ -206,6 +266,9 @@ def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
             study.tell(trial.number, float(ret.return_value), skip_if_finished=True)
         elif isinstance(ret._return_value, JobEnded):
             fail_ended_job(study, storage, trial, str(ret._return_value))
+        elif isinstance(ret._return_value, BaseException) and stores.gone(ret._return_value):
+            # its job left it RUNNING (trial.JobTrial): another run may well succeed once the store is back
+            fail_ended_job(study, storage, trial, f"its job lost a store: {stores.one_line(ret._return_value)}")
         else:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         if storage.get_trial(trial_id(trial)).state == TrialState.FAIL:
@@ -220,11 +283,15 @@ def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
 
 def fail_ended_job(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.trial.Trial,
                    reason: str) -> None:
-    """Fail a trial whose job its scheduler ended, with the reason on the trial (its MLflow run takes
-    it when the sweep's tracking closes), and re-queue it as a dead worker's trial is re-queued,
-    up to ``hydra.sweeper.max_retry`` times."""
-    storage.set_trial_user_attr(trial_id(trial), FAILURE_ATTR, reason)
-    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    """Fail a trial whose job its scheduler ended (or that lost a store), with the reason on the
+    trial (its MLflow run takes it when the sweep's tracking closes), and re-queue it as a dead
+    worker's trial is re-queued, up to ``hydra.sweeper.max_retry`` times."""
+    try:
+        storage.set_trial_user_attr(trial_id(trial), FAILURE_ATTR, reason)
+        # the row is locked while its state changes: of two workers failing it at once, one does
+        storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it, and re-queued it, first
+        return
     retry = storage.get_heartbeat_stale_trial_callback()  # trial.requeue, with max_retry
     if retry is not None:
         retry(study, storage.get_trial(trial_id(trial)))
@@ -244,9 +311,8 @@ def fail_abandoned(study: optuna.Study, storage: optuna.storages.RDBStorage) -> 
 
 def save_results(study: optuna.Study, path: str) -> None:
     """``optimization_results.yaml``, as the plugin writes it: the study's best so far."""
-    try:
-        best = study.best_trial
-    except ValueError:  # no trial has completed yet
+    best = best_finished(study)
+    if best is None:
         results = {"name": "optuna", "best_params": {}, "best_value": None}
     else:
         results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
@@ -280,7 +346,9 @@ def ctrl_c_remembered() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def handover(study_name: str, number: int) -> tuple[str, str]:
-    """The overrides that tell a job which trial it is (quoted: a study name may hold spaces)."""
+def handover(study_name: str, number: int, deadline: float | None = None) -> tuple[str, ...]:
+    """The overrides that tell a job which trial it is (quoted: a study name may hold spaces), and
+    the sweep's deadline (Unix time: a job on another machine reads the same clock, NTP-synchronised)."""
     quoted = study_name.replace("\\", "\\\\").replace("'", "\\'")
-    return f"optuna.study='{quoted}'", f"optuna.trial={number}"
+    return (f"optuna.study='{quoted}'", f"optuna.trial={number}",
+            *([f"optuna.deadline={deadline:.3f}"] if deadline is not None else []))
