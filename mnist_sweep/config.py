@@ -52,6 +52,12 @@ class MlflowConfig:
 
 
 @dataclass
+class SweepConfig:
+    cost: str = MISSING
+    min_accuracy: Optional[float] = MISSING
+
+
+@dataclass
 class OptunaTrialConfig:
     study: Optional[str] = None  # set by the study sweeper for each job: its study...
     trial: Optional[int] = None  # ...and its trial number there
@@ -80,6 +86,7 @@ class Config:
     threads: int = MISSING
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 @dataclass
@@ -129,6 +136,7 @@ def _number(value: Any) -> bool:
 # groups are free-form (``_target_`` objects), so a wrong type or range there would otherwise
 # surface mid-run, or never: an even kernel trains a different network without a word.
 # A key its group does not have (AdamW has no momentum) is skipped.
+COSTS = ("param_count", "latency_ms")  # what hydra/sweeper=pareto can weigh against accuracy (sweep.cost)
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.channels", lambda v: (_integer(v) and v >= 1) or (OmegaConf.is_list(v) and 1 <= len(v) <= MAX_BLOCKS
      and all(_integer(c) and c >= 1 for c in v)),
@@ -165,6 +173,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("mlflow.http_timeout", lambda v: v > 0, "> 0"),
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
     ("mlflow.log_models", lambda v: v in ("best", "all"), "best or all"),
+    ("sweep.cost", lambda v: v in COSTS, " or ".join(COSTS)),
+    ("sweep.min_accuracy", lambda v: v is None or (_number(v) and 0 < v < 1), "null or in (0, 1)"),
 ]
 # Checks across keys, as (the key whose value is reported, the test on the whole config, what is
 # allowed): --help lists them after RULES.

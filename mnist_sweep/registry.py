@@ -28,9 +28,10 @@ def selection_metric(has_validation: bool) -> str:
     return "val_acc" if has_validation else "test_acc"
 
 
-def promote(client: MlflowClient, best: Run) -> None:
+def promote(client: MlflowClient, best: Run, cost: str | None = None, floor: float | None = None) -> None:
     """Register the best run's model (once per run); point ``champion`` at it if it beats the
-    current champion on the metric that chose it (``val_acc`` if it has one, else ``test_acc``).
+    current champion on the metric that chose it (``val_acc`` if it has one, else ``test_acc``); in a
+    Pareto search (``cost``: the metric it minimises), if the champion is below ``floor`` or costs more.
     Callers hold the store's lock: the read and the move must not interleave."""
     metric = selection_metric("val_acc" in best.data.metrics)
     acc = best.data.metrics[metric]
@@ -43,10 +44,17 @@ def promote(client: MlflowClient, best: Run) -> None:
             return
         # a champion chosen on test_acc has no val_acc: a model chosen without looking at the
         # test set replaces it (their scores don't compare)
-        champion_acc = client.get_run(current.run_id).data.metrics.get(metric, 0.0)
-        if acc <= champion_acc:
-            log.info("best run's %s %.4f does not beat champion v%s (%.4f)", metric, acc, current.version,
-                     champion_acc)
+        held = client.get_run(current.run_id).data.metrics
+        champion_acc = held.get(metric, 0.0)
+        if cost is None:
+            beats = acc > champion_acc
+        else:  # the cheapest model at or above the floor; one run before costs were logged costs the most
+            below = floor is not None and champion_acc < floor
+            beats = below or (best.data.metrics[cost], -acc) < (held.get(cost, float("inf")), -champion_acc)
+        if not beats:
+            log.info("best run's %s %.4f%s does not beat champion v%s (%.4f%s)", metric, acc,
+                     f", {cost} {best.data.metrics[cost]:g}" if cost else "", current.version, champion_acc,
+                     f", {cost} {held.get(cost, float('inf')):g}" if cost else "")
             return
     model_uri = best.data.tags.get(MODEL_URI_TAG)
     if model_uri is None:
@@ -66,17 +74,15 @@ def resolve_model(uri: str, option: str = "model_uri") -> tuple[str, str]:
     """``runs:/<id>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
     ``models:/m-…`` or a bare run id → (a loadable ``models:/m-…`` URI, the id of the run that logged it).
 
-    A bare run id means the model that run logged (its ``model_uri`` tag, else ``runs:/<id>/model``).
+    A bare run id or ``runs:/<id>/model`` means the model that run logged: its ``model_uri`` tag
+    (MLflow alone would look for a model named ``model``, and a run's model is named for what it is),
+    else ``runs:/<id>/model`` as MLflow reads it (a run logged before models had names).
     ``option`` is how the user passed the URI (``model_uri``, or ``MODEL`` for ``make serve``): errors
     quote it, and a registry name or alias that does not exist yet says what to pass instead.
     """
     run_id = None
     if re.fullmatch(r"[0-9a-f]{32}", uri):
-        try:
-            tags = mlflow.get_run(uri).data.tags
-        except mlflow.exceptions.MlflowException as err:
-            raise ModelNotFound(f"{option}={uri}: {err.message}") from None
-        run_id, uri = uri, tags.get(MODEL_URI_TAG, f"runs:/{uri}/model")
+        run_id = uri
     elif not uri.startswith(("runs:/", "models:/")):  # anything else MLflow would read as a local path
         raise ModelNotFound(
             f"{option}={uri} is not runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version> "
@@ -84,8 +90,14 @@ def resolve_model(uri: str, option: str = "model_uri") -> tuple[str, str]:
         )
     elif found := re.match(r"runs:/([0-9a-f]{32})/model$", uri):
         run_id = found.group(1)
-    if run_id and (weights_only := _weights_only(run_id)):  # before MLflow tries to download what is not there
-        raise ModelNotFound(f"{option}={uri}: {weights_only}")
+    if run_id:
+        try:
+            run = mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException as err:
+            raise ModelNotFound(f"{option}={uri}: {err.message}") from None
+        if weights_only := _weights_only(run):  # before MLflow tries to download what is not there
+            raise ModelNotFound(f"{option}={uri}: {weights_only}")
+        uri = run.data.tags.get(MODEL_URI_TAG, f"runs:/{run_id}/model")
     try:
         info = mlflow.models.get_model_info(uri)
     except mlflow.exceptions.MlflowException as err:
@@ -94,13 +106,9 @@ def resolve_model(uri: str, option: str = "model_uri") -> tuple[str, str]:
     return info.model_uri, info.run_id
 
 
-def _weights_only(run_id: str) -> str | None:
+def _weights_only(run: Run) -> str | None:
     """For a run that logged its weights but no model: why, and the command that trains it again
     with one (same config and seed, same weights on the CPU); None for any other run."""
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return None
     if MODEL_URI_TAG in run.data.tags or "mlflow.model_format" not in run.data.params:
         return None
     if run.data.params["mlflow.model_format"] == "None":
@@ -111,6 +119,7 @@ def _weights_only(run_id: str) -> str | None:
     # the trial's own overrides; a single run always logs its model in the configured format
     overrides = [arg for arg in run.data.tags.get("hydra.overrides", "").split()
                  if not arg.startswith(("optuna.", "mlflow.log_models=", "mlflow.model_format=null"))]
+    run_id = run.info.run_id
     return (f"run {run_id} ({run.info.run_name}) logged its weights (runs:/{run_id}/weights) but no model: {why}. "
             f"Train it again as one run to get its model: python -m mnist_sweep {' '.join(overrides)}".rstrip())
 

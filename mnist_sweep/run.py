@@ -21,9 +21,10 @@ from mnist_sweep.config import ConfigError, validate
 log = logging.getLogger("mnist_sweep")
 
 
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
     """Train, evaluate and log one run; return its objective: test accuracy, or validation accuracy
-    with ``data.val_size`` > 0 (0.0 if it diverged; its last reported accuracy if pruned). A value,
+    with ``data.val_size`` > 0 (0.0 if it diverged; its last reported accuracy if pruned); in a Pareto
+    search's trial (``hydra/sweeper=pareto``), [that accuracy, its cost (``sweep.cost``)]. A value,
     store or study it cannot use, or a full disk, ends it with one ``error:`` line instead."""
     hydra_cfg = HydraConfig.get()
     writes = stores.written(cfg.paths.outputs, cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root,
@@ -33,7 +34,7 @@ def main(cfg: DictConfig) -> float:
         return train_and_track(cfg, hydra_cfg)
 
 
-def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float:
+def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[float]:
     """The run itself, from checking its config to telling its trial the result."""
     objective = registry.selection_metric(cfg.data.val_size > 0)
     validate(cfg)
@@ -63,25 +64,28 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float:
                 except trial.DeadlineReached as reached:  # scored as it stands, and exported below if it leads
                     deadline, metrics = reached, train.scores(model, splits.test, splits.val, cfg.data.eval_batch_size)
                     record(tracking.log_epoch, math.ceil(reached.done), metrics)
-                export = cfg.mlflow.log_models == "all" or job.leads(metrics[objective])  # conf/config.yaml
                 measured = costs.measure(model, splits.test.images[:1])  # param_count, latency_ms, model_bytes
+                cost, floor = measured[cfg.sweep.cost], cfg.sweep.min_accuracy  # a Pareto search's second objective
+                export = cfg.mlflow.log_models == "all" or job.leads(metrics[objective], cost, floor)  # config.yaml
                 name = tracking.model_name(hydra_cfg.runtime.choices.model, model.widths, job.study_name, job.number)
                 hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
                 model_id = record(tracking.log_outputs, model, hydra_dir, splits.test.images[:2],
                                   cfg.mlflow.model_format if export else None, name)
                 record(tracking.log_costs, measured, model_id)  # with a model, linked to it, with its scores
+                if job.pareto:
+                    record(tracking.log_feasibility, metrics[objective], objective, floor)
                 if deadline is not None:
                     raise deadline  # the run ends KILLED with its `deadline` tag, its metrics and model kept
         except train.Diverged as err:
             log.error("run diverged: %s (returning %s 0.0)", err, objective)
-            return job.complete(0.0)  # a finite worst score: the sweeper crashes on NaN
+            return job.complete(0.0, costs.param_count(model), cfg.sweep.min_accuracy)  # finite: NaN crashes the sweeper
         except trial.DeadlineReached as reached:
             log.info("%s (%s %.4f)", reached, objective, metrics[objective])
             return job.stopped_at_deadline(reached.done, metrics[objective])
         except optuna.TrialPruned as err:
             log.info("%s", err)
             return job.prune()
-    return finish(job, metrics[objective], objective, record.lost)
+    return finish(job, metrics[objective], cost, floor, objective, record.lost)
 
 
 def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.JobTrial | trial.NoTrial:
@@ -140,12 +144,14 @@ def report_to(record: tracking.Recorder, job: trial.JobTrial | trial.NoTrial) ->
     return on_epoch, on_check
 
 
-def finish(job: trial.JobTrial | trial.NoTrial, value: float, objective: str, lost: str | None) -> float:
-    """Tell the trial its result. If MLflow stopped answering mid-run, the run's record is
-    incomplete: say so, and fail (the result is in the study all the same)."""
-    value = job.complete(value)
+def finish(job: trial.JobTrial | trial.NoTrial, value: float, cost: float, floor: float | None, objective: str,
+           lost: str | None) -> float | list[float]:
+    """Tell the trial its result (in a Pareto search with its ``cost``, infeasible below ``floor``).
+    If MLflow stopped answering mid-run, the run's record is incomplete: say so, and fail (the result
+    is in the study all the same)."""
+    returned = job.complete(value, cost, floor)
     if lost:
         held = f", which trial {job.number} holds in the study" if job.number is not None else ""
         raise SystemExit(f"error: MLflow stopped answering during the run ({lost}); it trained to {objective} "
                          f"{value:.4f}{held}, but its MLflow run is incomplete")
-    return value
+    return returned

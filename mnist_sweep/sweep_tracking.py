@@ -9,6 +9,7 @@ study nests its trials under the same parent, and refreshes the summary when it 
 from __future__ import annotations
 
 import atexit
+import csv
 import logging
 import tempfile
 import time
@@ -27,7 +28,7 @@ from optuna.trial import TrialState
 from mnist_sweep import stores, tracking
 from mnist_sweep.registry import promote, selection_metric
 from mnist_sweep.tracking import GRID_TAG, MODEL_URI_TAG, STUDY_TAG, TRIAL_TAG
-from mnist_sweep.trial import FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR, best_finished
+from mnist_sweep.trial import FAILURE_ATTR, PARENT_ATTR, RUN_ID_ATTR, best_finished, feasible, is_pareto
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,12 @@ class MlflowStudy:
     """The MLflow side of a study, driven by the study sweeper (``hydra.sweeper.tracker``)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None, http_retries: int,
-                 http_timeout: int, study_storage: str) -> None:
+                 http_timeout: int, study_storage: str, cost: str | None = None,
+                 min_accuracy: float | None = None) -> None:
         self.tracking_uri, self.experiment, self.artifact_root = tracking_uri, experiment, artifact_root
         self.http_retries, self.http_timeout = http_retries, http_timeout
         self.study_storage = study_storage
+        self.cost, self.min_accuracy = cost, min_accuracy  # a Pareto search's (hydra/sweeper=pareto)
         self.parent_id: str | None = None
 
     def open(self, study: optuna.Study, created: bool) -> None:
@@ -80,7 +83,7 @@ class MlflowStudy:
                 best = best_run(client, study)
                 summarize(client, self.parent_id, study, best, results_file)
                 if best is not None:
-                    promote(client, champion_run(client, experiment_id, study, best))
+                    promote(client, champion_run(client, experiment_id, study, best), self.cost, self.min_accuracy)
             finally:  # a summary that failed still leaves no parent RUNNING behind the last worker
                 if not study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
                     status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
@@ -169,7 +172,36 @@ def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: R
     client.set_tag(parent_id, "trials", f"{len(finished)} finished")
     if Path(results_file).exists():
         client.log_artifact(parent_id, results_file)
+    if is_pareto(study):
+        log_front(client, parent_id, study)
     log_study_plots(client, parent_id, study)
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials no other trial beats on both accuracy (``values[0]``, maximised) and cost
+    (``values[1]``, minimised), most accurate first: one sort, where pairwise checks grow as n²."""
+    front, cheapest = [], float("inf")
+    for trial in sorted(trials, key=lambda t: (-t.values[0], t.values[1])):
+        if trial.values[1] < cheapest:
+            front.append(trial)
+            cheapest = trial.values[1]
+    return front
+
+
+def log_front(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
+    """``pareto.csv`` on the study's parent: the front of its completed trials (trial, run id,
+    accuracy, cost, feasible), most accurate first."""
+    accuracy, cost = study.metric_names or ["accuracy", "cost"]
+    rows = [{"trial": t.number, "run_id": t.user_attrs.get(RUN_ID_ATTR, ""), accuracy: t.values[0],
+             cost: t.values[1], "feasible": feasible(t)}
+            for t in pareto_front(study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pareto.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["trial", "run_id", accuracy, cost, "feasible"])
+            writer.writeheader()
+            writer.writerows(rows)
+        client.log_artifact(run_id, str(path))
 
 
 class MlflowGridCallback(Callback):
@@ -218,7 +250,8 @@ class MlflowGridCallback(Callback):
 
 
 def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
-    """Optimization history, parameter importances and parallel coordinates, as PNGs."""
+    """Optimization history, parameter importances and parallel coordinates, as PNGs; a Pareto
+    search's front instead."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -227,11 +260,13 @@ def log_study_plots(client: MlflowClient, run_id: str, study: optuna.Study) -> N
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, plot in {
+        # Optuna's history, importance and coordinate plots take one objective; a Pareto search's is its front
+        one = {
             "optimization_history": plots.plot_optimization_history,
             "param_importances": plots.plot_param_importances,
             "parallel_coordinate": plots.plot_parallel_coordinate,
-        }.items():
+        }
+        for name, plot in ({"pareto_front": plots.plot_pareto_front} if is_pareto(study) else one).items():
             try:
                 ax = plot(study)
             except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ finished trials

@@ -44,6 +44,7 @@ STUDY_TAG = "optuna.study"  # a study trial's run: its study...
 TRIAL_TAG = "trial"  # ...and its trial number
 GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its jobs share
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
+FEASIBLE_TAG = "feasible"  # a Pareto search's trial: true, or false and why (its accuracy is below the floor)
 DEADLINE_TAG = "deadline"  # where the sweep's deadline stopped the run (KILLED; its metrics and model kept)
 # The scores a logged model carries beside its costs (the last epoch's): what the Models tab sorts by
 MODEL_SCORES = ("test_acc", "test_loss", "val_acc", "val_loss")
@@ -309,6 +310,14 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str, 
     )
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
     return info.model_id
+
+
+def log_feasibility(accuracy: float, objective: str, floor: float | None) -> None:
+    """A Pareto search's trial: the ``feasible`` tag, and why not (below ``sweep.min_accuracy``)."""
+    if floor is None or accuracy >= floor:
+        mlflow.set_tag(FEASIBLE_TAG, "true")
+    else:
+        mlflow.set_tag(FEASIBLE_TAG, f"false: {objective} {accuracy:.4f} is below sweep.min_accuracy={floor}")
 
 
 def grid_parent(sweep_dir: str) -> str | None:

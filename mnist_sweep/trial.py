@@ -108,10 +108,27 @@ def worker_gone(trial: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
+FLOOR = "min_accuracy"  # the constraint a Pareto search's trials carry: sweep.min_accuracy - accuracy
+
+
+def is_pareto(study: optuna.Study) -> bool:
+    """A Pareto search (``hydra/sweeper=pareto``): accuracy, then a cost."""
+    return len(study.directions) > 1
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial meets its constraints (Optuna's rule: every value <= 0; none: feasible)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
 def best_finished(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The study's best finished trial: of those completed, and those the sweep's deadline stopped
-    (scored as they stood, and exported if they led), so a search cut short by its deadline still
-    has a champion. None before any."""
+    """The study's best finished trial, the one the champion comes from: of those completed, and
+    those the sweep's deadline stopped (scored as they stood, and exported if they led), so a search
+    cut short by its deadline still has a champion. In a Pareto search, the cheapest feasible trial
+    (the most accurate among equals): the cheapest model on the feasible front. None before any."""
+    if is_pareto(study):
+        done = [t for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]) if feasible(t)]
+        return min(done, key=lambda t: (t.values[1], -t.values[0]), default=None)
     finished = [t for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
                 if t.state == TrialState.COMPLETE or DEADLINE_ATTR in t.user_attrs]
     if not finished:
@@ -182,8 +199,11 @@ class JobTrial:
         if found.user_attrs.get(WORKER_ATTR) != this_worker():  # a job in its sweeper's process: already there
             storage.set_trial_user_attr(trial_id(found), WORKER_ATTR, this_worker())
         self.objective, self.epochs, self.deadline = objective, epochs, deadline
-        # intermediate checks only feed a pruner: without one they would cost time for nothing
-        self.checks = 0 if isinstance(study.pruner, optuna.pruners.NopPruner) else checks_per_epoch
+        # intermediate checks only feed a pruner: without one they would cost time for nothing (a
+        # Pareto search has none: Optuna's pruners, and its intermediate values, are for one objective)
+        self.pareto = is_pareto(study)
+        no_pruner = self.pareto or isinstance(study.pruner, optuna.pruners.NopPruner)
+        self.checks = 0 if no_pruner else checks_per_epoch
         self.last_value: float | None = None
         self.last_percent = -1  # the step of its last report
 
@@ -216,6 +236,8 @@ class JobTrial:
         self._report(step, accuracy)
 
     def _report(self, step: int, value: float) -> None:
+        if self.pareto:
+            return
         percent = round(100 * step / (self.epochs * (self.checks + 1)))
         self.trial.report(value, percent)
         self.last_value, self.last_percent = value, percent
@@ -235,23 +257,38 @@ class JobTrial:
         as its last report, and :data:`DEADLINE_ATTR` on it. Returns the value."""
         # a later step than any check's, so this value is the one Optuna keeps for the trial
         percent = max(int(100 * done / self.epochs), self.last_percent + 1)
-        self.trial.report(value, percent)
+        if not self.pareto:  # (a Pareto trial cut short has no values: it is off the front)
+            self.trial.report(value, percent)
         self.last_value = value
         self.trial.set_user_attr(DEADLINE_ATTR, f"stopped at {percent}% of its training")
         return self.prune()
 
-    def leads(self, value: float) -> bool:
+    def leads(self, value: float, cost: float | None = None, floor: float | None = None) -> bool:
         """Whether ``value`` is at least as good as every completed trial's (true before any): such a
-        trial may end as the study's best, so it needs a model the registry can serve."""
+        trial may end as the study's best, so it needs a model the registry can serve. In a Pareto
+        search: whether the trial is feasible (``value`` >= ``floor``) and at most as costly as the
+        cheapest feasible trial so far."""
+        if self.pareto:
+            if floor is not None and value < floor:
+                return False
+            best = best_finished(self.study)
+            return best is None or (cost, -value) <= (best.values[1], -best.values[0])
         try:
             best = self.study.best_value
         except ValueError:  # no trial has completed yet
             return True
         return value >= best if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
 
-    def complete(self, value: float) -> float:
-        self.study.tell(self.number, value, skip_if_finished=True)
-        return value
+    def complete(self, value: float, cost: float | None = None, floor: float | None = None) -> float | list[float]:
+        """Tell the trial its result: ``value``; in a Pareto search, ``[value, cost]``, infeasible
+        below ``floor`` (an Optuna constraint, so the sampler learns where feasible models are)."""
+        if not self.pareto:
+            self.study.tell(self.number, value, skip_if_finished=True)
+            return value
+        if floor is not None:
+            self.trial.set_constraint(FLOOR, floor - value)
+        self.study.tell(self.number, [value, cost], skip_if_finished=True)
+        return [value, cost]
 
     def prune(self) -> float:
         """End the trial PRUNED; returns its last reported value (what Optuna records for it)."""
@@ -265,6 +302,7 @@ class NoTrial:
 
     number = study_name = parent_run_id = None
     checks = 0
+    pareto = False
 
     def __enter__(self) -> NoTrial:
         return self
@@ -284,10 +322,10 @@ class NoTrial:
     def check_deadline(self, done: float) -> None:
         pass
 
-    def leads(self, value: float) -> bool:
+    def leads(self, value: float, cost: float | None = None, floor: float | None = None) -> bool:
         return True  # a run of its own always keeps its model
 
-    def complete(self, value: float) -> float:
+    def complete(self, value: float, cost: float | None = None, floor: float | None = None) -> float:
         return value
 
 

@@ -37,7 +37,7 @@ def test_an_unknown_model_is_named(logged_model, uri, named):
 def test_a_pickled_model_is_refused_not_unpickled(logged_model, tmp_path):
     mlflow.set_tracking_uri(logged_model.tracking_uri)
     with tracking.run("pickled", {}, {}):
-        tracking.log_outputs(logged_model.model, None, torch.zeros(2, 1, 28, 28), "pickle")
+        tracking.log_outputs(logged_model.model, None, torch.zeros(2, 1, 28, 28), "pickle", "pickled")
         uri = mlflow.get_run(mlflow.active_run().info.run_id).data.tags[tracking.MODEL_URI_TAG]
     with pytest.raises(registry.ModelNotFound, match="pickle"):
         registry.load_model(uri)
@@ -83,7 +83,7 @@ def test_a_run_without_a_model_says_it_ran_with_model_format_null(tmp_path):
     tracking.use_store(tracking_uri, "mnist_sweep", str(tmp_path / "mlartifacts"))
     params = {"mlflow.model_format": None, "mlflow.log_models": "best"}
     with tracking.run("no-model", params, {"hydra.overrides": "mlflow.model_format=null epochs=2"}) as active:
-        tracking.log_outputs(torch.nn.Linear(1, 1), None, torch.zeros(2, 1), None)
+        tracking.log_outputs(torch.nn.Linear(1, 1), None, torch.zeros(2, 1), None, "linear")
     mlflow.set_tracking_uri(tracking_uri)
     with pytest.raises(registry.ModelNotFound) as err:
         registry.resolve_model(active.info.run_id)
@@ -109,12 +109,12 @@ def test_the_champion_moves_on_the_metric_that_chose_the_candidate(tmp_path):
     tracking.use_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "promote", str(tmp_path / "mlartifacts"))
     client = MlflowClient()
 
-    def candidate(**metrics: float):
+    def candidate(cost: str | None = None, floor: float | None = None, **metrics: float):
         with tracking.run("candidate", {}, {}) as active:
-            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")
+            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
             mlflow.log_metrics(metrics)
         run = client.get_run(active.info.run_id)
-        registry.promote(client, run)
+        registry.promote(client, run, cost, floor)
         return client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id == run.info.run_id
 
     assert candidate(test_acc=0.99)                   # the first champion, chosen on test
@@ -123,6 +123,12 @@ def test_the_champion_moves_on_the_metric_that_chose_the_candidate(tmp_path):
     assert candidate(val_acc=0.96, test_acc=0.96)
     registry.promote(client, client.get_run(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id))
     assert len(client.search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 3  # never two versions of one run
+    # a Pareto search's champion: the cheapest model at or above the floor (the one above logged no cost)
+    assert candidate("param_count", 0.95, val_acc=0.955, param_count=3000)
+    assert not candidate("param_count", 0.95, val_acc=0.99, param_count=9000)  # more accurate, but costlier
+    assert not candidate("param_count", 0.95, val_acc=0.955, param_count=3000)  # a tie: no move
+    assert candidate("param_count", 0.95, val_acc=0.951, param_count=1000)
+    assert candidate("param_count", 0.99, val_acc=0.99, param_count=9000)  # the champion is below this floor
 
 
 def test_the_selection_metric_is_validation_accuracy_whenever_there_is_a_split():

@@ -31,13 +31,14 @@ def trial_run(client: MlflowClient, study: optuna.Study, parent: str, acc: float
     """A trial with its child run, as a job leaves them: the run RUNNING until ``acc`` completes both."""
     trial = study.ask()
     if acc is None:  # its worker died mid-trial: nobody ends its run
-        orphan = client.create_run(client.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent})
+        tags = {"mlflow.parentRunId": parent, tracking.STUDY_TAG: study.study_name, tracking.TRIAL_TAG: str(trial.number)}
+        orphan = client.create_run(client.get_run(parent).info.experiment_id, tags=tags)
         trial.set_user_attr(RUN_ID_ATTR, orphan.info.run_id)
         return orphan.info.run_id
     with tracking.run(f"trial-{trial.number}", {}, {tracking.TRIAL_TAG: str(trial.number)}, parent) as active:
         trial.set_user_attr(RUN_ID_ATTR, active.info.run_id)
         if model:
-            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle")
+            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
         mlflow.log_metric("test_acc", acc)
     study.tell(trial, acc)
     return active.info.run_id
@@ -130,3 +131,13 @@ def test_a_summary_that_fails_still_ends_the_parent(stores_, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="plots"):
         tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=True)
     assert client.get_run(tracker.parent_id).info.status == "KILLED"
+
+
+def test_the_front_is_every_trial_no_other_beats_on_both_accuracy_and_cost():
+    def point(number, acc, cost):
+        return optuna.trial.FrozenTrial(number, TrialState.COMPLETE, None, None, None, {}, {}, {}, {}, {}, number,
+                                        values=[acc, cost])
+
+    trials = [point(0, 0.99, 300), point(1, 0.98, 100), point(2, 0.97, 200), point(3, 0.995, 900),
+              point(4, 0.98, 150), point(5, 0.9, 10)]
+    assert [t.number for t in sweep_tracking.pareto_front(trials)] == [3, 0, 1, 5]  # most accurate first

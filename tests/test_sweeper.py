@@ -181,6 +181,10 @@ def test_a_swallowed_ctrl_c_is_still_remembered():
 def test_the_search_space_is_the_plugins_and_a_range_optuna_rejects_is_one_line_naming_it():
     space = ["optim.lr=tag(log, interval(0.02, 0.3))", "model=deep", "optim.lr=tag(log, interval(0.01, 0.1))"]
     assert sweeper.parse_space(space) == create_params_from_overrides(space)  # the last of a key wins
+    searched, fixed = sweeper.parse_space(["model.channels=[4,8]", "model.channels=choice(4, 8)", "epochs=choice(1, 2)",
+                                           "epochs=3"])
+    assert "model.channels" in searched and "model.channels" not in fixed  # searched, as its last override says
+    assert fixed["epochs"] == "3" and "epochs" not in searched
     for bad, why in (("optim.lr=tag(log, interval(-1, 0.1))", "`low > 0` must hold for `log=True`"),
                      ("epochs=range(1, 5, step=0)", "`step > 0` must hold"),
                      ("epochs=choice()", "empty choice is not legal")):
@@ -731,3 +735,36 @@ def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_th
     assert proc.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "stopped answering" in errors[0], output[-3000:]
+
+
+@pytest.mark.slow
+def test_a_pareto_search_weighs_accuracy_against_cost_logs_its_front_and_crowns_the_cheapest_feasible(
+        overrides, tmp_path):
+    done = sweep(overrides, "hydra/sweeper=pareto", "hydra.sweeper.n_trials=3", "sweep.min_accuracy=0.3",
+                 "model=shallow", "model.channels=choice(4, 8)", "optim.lr=choice(0.05, 1e-6)",
+                 "hydra.sweeper.enqueue=[{optim.lr:1e-6,model.channels:4},{optim.lr:0.05,model.channels:4},"
+                 "{optim.lr:0.05,model.channels:8}]")
+    assert "a Pareto search (test_acc, then param_count): pruning is off" in done.stdout + done.stderr
+    pareto = study(tmp_path, "mnist_sweep-pareto-param_count")
+    assert pareto.metric_names == ["test_acc", "param_count"]  # what the dashboard and plots show
+    trials = pareto.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and all(len(t.values) == 2 for t in trials)
+    client, (parent,), children = runs(tmp_path)
+    kids = {int(k.data.tags["trial"]): k for k in children[parent.info.run_id]}
+    for t in trials:  # each run logs both values, and its costs
+        assert kids[t.number].data.metrics["test_acc"] == pytest.approx(t.values[0])
+        assert kids[t.number].data.metrics["param_count"] == t.values[1]
+        assert {"latency_ms", "model_bytes"} <= set(kids[t.number].data.metrics)
+    slow = trials[0]  # lr 1e-6 learns nothing in an epoch: below the floor, kept and marked
+    assert slow.constraints["min_accuracy"] > 0 and kids[0].data.tags[tracking.FEASIBLE_TAG].startswith(
+        "false: test_acc")
+    feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
+    cheapest = min(feasible, key=lambda t: (t.values[1], -t.values[0]))
+    assert parent.data.tags["best_run_id"] == kids[cheapest.number].info.run_id
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id == kids[cheapest.number].info.run_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "pareto.csv" in artifacts and "plots/pareto_front.png" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    rows = Path(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))).read_text().splitlines()
+    assert rows[0] == "trial,run_id,test_acc,param_count,feasible"
+    assert f"{cheapest.number},{kids[cheapest.number].info.run_id}," in "\n".join(rows)

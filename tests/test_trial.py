@@ -202,9 +202,9 @@ def test_the_median_pruner_decides_as_optunas_from_the_values_at_the_step_alone(
     for _ in range(4):  # the study grows between rounds: the startup count, then the medians, decide
         finished_trials(study, 5, rng)
         for _ in range(5):
-            running = study.ask()
+            running, level = study.ask(), rng.random()  # above the medians, or below them
             for step in sorted(rng.sample(range(10), 6)):
-                running.report(rng.random(), step)
+                running.report(level, step)
                 frozen = storage.get_trial(trial.trial_id(running))
                 decisions.append(ours.prune(study, frozen))
                 assert decisions[-1] == optunas.prune(study, frozen), (step, frozen.intermediate_values)
@@ -214,6 +214,11 @@ def test_the_median_pruner_decides_as_optunas_from_the_values_at_the_step_alone(
 def test_a_job_reads_its_own_trial_never_the_studys_trials(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    for value in (0.5, 0.6, 0.7):  # completed trials of 2 epochs and a check each, as jobs report
+        done = study.ask()
+        for percent in (25, 50, 75, 100):
+            done.report(value, percent)
+        study.tell(done, value)
     finished_trials(study, 20, random.Random(0))
     number = study.ask().number
     reads = []
@@ -234,5 +239,25 @@ def test_a_job_reads_its_own_trial_never_the_studys_trials(tmp_path, monkeypatch
     monkeypatch.undo()
     with pytest.raises(StudyError, match="has no trial 99"):
         trial.join("s", 99, url, optuna.pruners.NopPruner(), None, "test_acc", 2, 1)
-    with pytest.raises(StudyError, match=f"trial {number - 1} of study 's' is already"):
-        trial.join("s", number - 1, url, optuna.pruners.NopPruner(), None, "test_acc", 2, 1)
+    with pytest.raises(StudyError, match="trial 0 of study 's' is already COMPLETE"):
+        trial.join("s", 0, url, optuna.pruners.NopPruner(), None, "test_acc", 2, 1)
+
+
+def test_a_pareto_trial_returns_accuracy_and_cost_infeasible_below_the_floor_and_never_reports(storage):
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"],
+                                pruner=optuna.pruners.MedianPruner())
+    accurate = job(study, storage, checks=3)
+    assert accurate.pareto and accurate.checks == 0  # Optuna's pruners judge one objective
+    accurate.report_epoch(1, {"test_acc": 0.9})  # nothing to report to: a no-op, not an error
+    assert accurate.leads(0.995, 30000, floor=0.99)  # the first feasible trial may be the champion
+    assert accurate.complete(0.995, 30000, floor=0.99) == [0.995, 30000]
+    small, tiny = job(study, storage), job(study, storage)
+    assert not tiny.leads(0.95, 1000, floor=0.99)  # infeasible: never the champion
+    assert tiny.complete(0.95, 1000, floor=0.99) == [0.95, 1000]
+    assert small.leads(0.991, 3000, floor=0.99) and not small.leads(0.991, 40000, floor=0.99)
+    small.complete(0.991, 3000, floor=0.99)
+    ended = {t.number: t for t in study.get_trials()}
+    assert ended[tiny.number].constraints == {trial.FLOOR: pytest.approx(0.04)}  # > 0: infeasible
+    assert not trial.feasible(ended[tiny.number]) and trial.feasible(ended[small.number])
+    # the champion: the cheapest feasible model, not the most accurate nor the cheapest of all
+    assert trial.best_finished(study).number == small.number

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 from mnist_sweep import stores
 from mnist_sweep.cli import one_line_errors
 from mnist_sweep.config import ConfigError
+from mnist_sweep.registry import selection_metric
 from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, StudyError, best_finished, open_storage,
                                trial_id, worker_gone)
 
@@ -86,7 +87,14 @@ class StudySweeper(OptunaSweeperImpl):
             storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry)
             points = [*self.enqueue, *best_points(storage, self.warm_start.study, self.warm_start.top)]
             check_points(points, space)  # before the study exists or any trial starts
-            study, created = open_study(storage, self.study_name, self._get_directions(), self.pruner)
+            directions, pruner = self._get_directions(), self.pruner
+            if len(directions) > 1:
+                log.info("a Pareto search (%s, then %s): pruning is off, as Optuna's pruners judge one objective",
+                         selection_metric(config.data.val_size > 0), config.sweep.cost)
+                pruner = optuna.pruners.NopPruner()
+            study, created = open_study(storage, self.study_name, directions, pruner)
+            if created:  # the dashboard and the plots name them, not "Objective 0"
+                name_metrics(study, [selection_metric(config.data.val_size > 0), config.sweep.cost])
             log.info("study %s in %s (%s, pruner %s)", study.study_name, stores.redact(self.storage),
                      "new" if created else f"{len(study.trials)} trials so far", type(self.pruner).__name__)
             with stores.lock(self.storage):  # two workers starting together enqueue each point once
@@ -177,7 +185,8 @@ def parse_space(overrides: list[str]) -> tuple[dict, dict]:
         except (ValueError, OverrideParseException) as err:
             raise ConfigError(f"the search range {override} is one Optuna cannot search ({stores.one_line(err)}): "
                               "change it on the command line or in hydra.sweeper.params") from None
-        space, fixed = space | its_space, fixed | its_fixed
+        space = {k: v for k, v in space.items() if k not in its_fixed} | its_space  # a key is searched or fixed,
+        fixed = {k: v for k, v in fixed.items() if k not in its_space} | its_fixed  # as its last override says
     return space, fixed
 
 
@@ -235,6 +244,13 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, directions: list[
         return optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
 
 
+def name_metrics(study: optuna.Study, names: list[str]) -> None:
+    """The study's objectives by name: the objective accuracy, and in a Pareto search its cost."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # set_metric_names: since 3.2
+        study.set_metric_names(names[:len(study.directions)])
+
+
 def room(study: optuna.Study, max_trials: int | None) -> int | float:
     """How many more trials the study-wide budget allows: ``max_trials`` less the study's finished
     and running trials, whoever started them (unbounded without it)."""
@@ -262,8 +278,8 @@ def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
     for trial, ret in zip(trials, returns):
         if storage.get_trial(trial_id(trial)).state != TrialState.RUNNING:
             pass
-        elif ret.status == JobStatus.COMPLETED and math.isfinite(float(ret.return_value)):
-            study.tell(trial.number, float(ret.return_value), skip_if_finished=True)
+        elif ret.status == JobStatus.COMPLETED and all(map(math.isfinite, values(ret.return_value))):
+            study.tell(trial.number, values(ret.return_value), skip_if_finished=True)
         elif isinstance(ret._return_value, JobEnded):
             fail_ended_job(study, storage, trial, str(ret._return_value))
         elif isinstance(ret._return_value, BaseException) and stores.gone(ret._return_value):
@@ -279,6 +295,11 @@ def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
                   failures, len(returns), max_failure_rate)
         for ret in returns:
             ret.return_value  # re-raises the job's own exception, with its traceback
+
+
+def values(returned: Any) -> list[float]:
+    """A job's return as the study's values: one float, or a Pareto search's [accuracy, cost]."""
+    return [float(v) for v in returned] if isinstance(returned, (list, tuple)) else [float(returned)]
 
 
 def fail_ended_job(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.trial.Trial,
@@ -315,8 +336,9 @@ def save_results(study: optuna.Study, path: str) -> None:
     if best is None:
         results = {"name": "optuna", "best_params": {}, "best_value": None}
     else:
-        results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
-        log.info("best trial %d: %s = %s", best.number, best.params, best.value)
+        value = best.values if len(best.values) > 1 else best.value  # a Pareto search's: [accuracy, cost]
+        results = {"name": "optuna", "best_params": best.params, "best_value": value}
+        log.info("best trial %d: %s = %s", best.number, best.params, value)
     OmegaConf.save(OmegaConf.create(results), path)
 
 
