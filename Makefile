@@ -37,7 +37,7 @@ test-fast: $(STAMP)  ## the in-process tests only (no subprocess sweeps or serve
 bench: $(STAMP)  ## time to 99.0% vs the classic PyTorch recipe, overhead, sweep trials/min (QUICK=1: smoke test)
 	$(PY) -m mnist_sweep.bench $(if $(QUICK),--quick) $(ARGS)
 
-ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000; prints the link to the runs table (ARGS=paths.outputs=DIR)
+ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000, one process; prints the links to the runs and the Models tab (ARGS=paths.outputs=DIR)
 	$(PY) -m mnist_sweep.viewers ui $(ARGS)
 
 dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1:8080: the sweep's study, live while it runs
@@ -52,6 +52,9 @@ services: $(STAMP)  ## start PostgreSQL and an MLflow tracking server on 127.0.0
 services-stop: $(STAMP)  ## stop what make services started
 	$(PY) -m mnist_sweep.stack stop $(ARGS)
 
+soak: $(STAMP)  ## 3 workers, >= 60 tiny trials, faults injected, then every invariant checked (<= 20 min; ARGS='trials=90')
+	$(PY) -m mnist_sweep.soak $(ARGS)
+
 slurm: $(STAMP)  ## start a one-node Slurm cluster on 127.0.0.1 (state in outputs/services/slurm); prints the export
 	$(PY) -m mnist_sweep.slurm start $(ARGS)
 
@@ -61,4 +64,4 @@ slurm-stop: $(STAMP)  ## cancel its jobs and stop what make slurm started
 screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
 	$(PY) docs/screenshots.py $(ARGS)
 
-.PHONY: help install data run sweep test test-fast bench ui dashboard serve services services-stop screenshots
+.PHONY: help install data run sweep test test-fast bench ui dashboard serve services services-stop soak screenshots

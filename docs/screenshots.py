@@ -5,8 +5,10 @@ protocol. Debian's ``chromium`` is used as installed; nothing downloads a browse
     python docs/screenshots.py [--out docs] [--trials 6] [override ...]
 
 The overrides reach the sweep (``data.root=DIR``; the tests pass tiny synthetic data). A picture is
-taken only once the page shows what it should (every trial, the chosen columns, the charts), so a
-blank page or MLflow's GenAI overview fails the script instead of landing in the README.
+taken only once the page shows what it should (every trial, the chosen columns, the charts, every
+model in the Models tab), so a blank page or MLflow's GenAI overview fails the script instead of
+landing in the README. The sweep exports every trial's model (``mlflow.log_models=all``), so that
+the Models tab shows them all.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLE, CHART = "runs-table.png", "trials-chart.png"
+TABLE, CHART, MODELS = "runs-table.png", "trials-chart.png", "models-tab.png"
 # What the runs table shows: the score and the searched params first, then what each run trained
 # on and what started it. Column ids are the MLflow UI's own.
 COLUMNS = ["metrics.`test_acc`", "params.`model`", "params.`optim.lr`", "params.`data.batch_size`",
@@ -39,6 +41,11 @@ COLUMNS = ["metrics.`test_acc`", "params.`model`", "params.`optim.lr`", "params.
 WIDTHS = {"attributes.`Run Name`": 230, "attributes.`Dataset`": 470, "attributes.`Source`": 230,
           "params.`optim.lr`": 90}
 WIDTH = 1720  # pixels: every column above, once MLflow's side panels are closed
+# The Models tab's columns left out of its picture (its Columns menu's names): what remains is each
+# model's name, source run, registration, last test_acc and its costs. MLflow 3.17 orders this
+# tab by creation time only.
+MODEL_COLUMNS_HIDDEN = ["Status", "Logged from", "Dataset", "Parameters", "test_loss", "latency_ms_iqr"]
+MODEL_METRICS = ["test_acc", "param_count", "latency_ms", "model_bytes"]
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--hide-scrollbars", "--remote-debugging-port=0"]
 
@@ -94,6 +101,11 @@ class Page:
             seen = " ".join((self.js("document.body ? document.body.innerText : ''") or "").split())[:300]
             raise TimeoutError(f"{what}: not shown after {seconds} s; the page says: {seen!r}") from None
 
+    def key(self, name: str) -> None:
+        codes = {"Enter": 13, "Escape": 27}
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=name, code=name, windowsVirtualKeyCode=codes[name])
+
     def click(self, selector: str) -> None:
         self.js(f"document.querySelector({json.dumps(selector)}).click()")
 
@@ -132,11 +144,12 @@ def free_port() -> int:
 
 
 def sweep(outputs: Path, trials: int, overrides: list[str]) -> dict:
-    """Run the sweep; return its parent run and trials, as the UI will list them."""
+    """Run the sweep, every trial exporting its model; return its parent run, trials and models, as
+    the UI will list them."""
     from mlflow import MlflowClient
 
     cmd = [sys.executable, "-m", "mnist_sweep", "-m", f"paths.outputs={outputs}",
-           f"hydra.sweeper.n_trials={trials}", *overrides]
+           f"hydra.sweeper.n_trials={trials}", "mlflow.log_models=all", *overrides]
     print(f"screenshots: sweeping {trials} trials into {outputs}", flush=True)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -146,7 +159,8 @@ def sweep(outputs: Path, trials: int, overrides: list[str]) -> dict:
     runs = client.search_runs([experiment])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     return {"experiment": experiment, "parent": parent.info.run_id,
-            "trials": [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]}
+            "trials": [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id],
+            "models": [m.name for m in client.search_logged_models([experiment])]}
 
 
 def view_state(parent: str) -> dict:
@@ -174,7 +188,8 @@ def view_state(parent: str) -> dict:
     }
 
 
-def shoot(link: str, experiment: str, parent: str, trials: list[str], out: Path, profile: Path) -> None:
+def shoot(link: str, models_link: str, store: dict, out: Path, profile: Path) -> None:
+    experiment, parent, trials = store["experiment"], store["parent"], store["trials"]
     with chromium(profile) as url, connect(url, max_size=None, proxy=None) as socket:
         page = Page(socket)
         page.size(WIDTH, 200 + 34 * (len(trials) + 1) + 160)  # the table's rows, and no more
@@ -197,6 +212,35 @@ def shoot(link: str, experiment: str, parent: str, trials: list[str], out: Path,
                   " && document.body.innerText.includes('Parallel Coordinates')", "the three trial charts")
         time.sleep(2)  # plotly animates its first draw
         page.screenshot(out / CHART)
+
+        page.size(WIDTH, 200 + 34 * (len(store["models"]) + 1) + 40)
+        models_shown = " && ".join(f"document.body.innerText.includes({json.dumps(name)})" for name in store["models"])
+        page.open(models_link, f"document.body && {models_shown}", "every model in the Models tab")
+        choose_model_columns(page)
+        page.screenshot(out / MODELS)
+
+
+def choose_model_columns(page: Page) -> None:
+    """Untick ``MODEL_COLUMNS_HIDDEN`` in the Models tab's Columns menu (a tree of checkboxes)."""
+    def title(name: str) -> str:
+        return f"document.querySelector('.du-bois-light-tree-treenode span[title={json.dumps(name)}]')"
+
+    def node(name: str) -> str:
+        return f"{title(name)}.closest('.du-bois-light-tree-treenode')"
+
+    # the menu opens on a key press or a pointer's down and up, not on a scripted click
+    page.js("document.querySelector('[data-component-id=\"mlflow.logged_model.list.columns\"]').focus()")
+    page.key("Enter")
+    page.wait(title("Parameters"), "the Columns menu")
+    page.js(f"{node('No dataset')}.querySelector('.du-bois-light-tree-switcher').click()")  # the metrics' node
+    page.wait(title("test_loss"), "the metrics in the Columns menu")
+    for name in MODEL_COLUMNS_HIDDEN:
+        page.js(f"{node(name)}.querySelector('.du-bois-light-tree-checkbox').click()")
+    page.key("Escape")
+    page.js("document.activeElement?.blur()")  # no focus ring on the Columns button in the picture
+    headers = "Array.from(document.querySelectorAll('.ag-header-cell')).map(cell => cell.innerText.trim())"
+    page.wait(" && ".join(f"{headers}.includes({json.dumps(name)})" for name in MODEL_METRICS)
+              + f" && !{headers}.includes('Status') && !{headers}.includes('test_loss')", "the chosen model columns")
 
 
 def close_panels(page: Page) -> None:
@@ -222,16 +266,18 @@ def main(argv: list[str]) -> int:
                                f"port={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, start_new_session=True)
         try:
-            first = ui.stdout.readline()  # make ui's own first line: the link to the runs table
-            link = first.rsplit(" ", 1)[-1].strip()
-            if f"/#/experiments/{store['experiment']}/runs?workflowType=machine_learning" not in link:
-                raise RuntimeError(f"make ui printed {first.strip()!r}, not the runs table's link")
+            # make ui's own first lines: the links to the runs table and to the Models tab
+            first, second = ui.stdout.readline(), ui.stdout.readline()
+            link, models_link = (line.rsplit(" ", 1)[-1].strip() for line in (first, second))
+            for tab, printed, line in (("runs", link, first), ("models", models_link, second)):
+                if f"/#/experiments/{store['experiment']}/{tab}?workflowType=machine_learning" not in printed:
+                    raise RuntimeError(f"make ui printed {line.strip()!r}, not the {tab} tab's link")
             wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 120, "the MLflow UI to answer")
             args.out.mkdir(parents=True, exist_ok=True)
-            shoot(link, store["experiment"], store["parent"], store["trials"], args.out, Path(tmp) / "chromium")
+            shoot(link, models_link, store, args.out, Path(tmp) / "chromium")
         finally:
             stop(ui)
-    for name in (TABLE, CHART):
+    for name in (TABLE, CHART, MODELS):
         print(f"screenshots: {args.out / name} ({(args.out / name).stat().st_size // 1024} KB)")
     return 0
 

@@ -38,6 +38,7 @@ class ConvNet(nn.Module):
         super().__init__()
         if isinstance(channels, int):
             channels = [channels * 2**block for block in range(BLOCKS)]
+        self.widths = list(channels)  # each block's, as built: what a logged model's name says
         layers: list[nn.Module] = []
         width, side = 1, IMAGE_SIDE
         for out in channels:

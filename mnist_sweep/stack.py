@@ -250,6 +250,12 @@ def start(root: Path = DEFAULT_ROOT, host: str = "127.0.0.1", pg_port: int = 543
 
 def stop(root: Path = DEFAULT_ROOT) -> None:
     """Stop both servers under ``root``; nothing happens for one that does not run."""
+    stop_mlflow(root)
+    stop_postgres(root)
+
+
+def stop_mlflow(root: Path = DEFAULT_ROOT) -> None:
+    """Stop the MLflow server under ``root``, if it runs (``start`` starts it again)."""
     paths = _paths(Path(root).resolve())
     pid = _mlflow_pid(paths["mlflow_pid"])
     if pid is not None:
@@ -259,6 +265,11 @@ def stop(root: Path = DEFAULT_ROOT) -> None:
             time.sleep(0.2)
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
+
+
+def stop_postgres(root: Path = DEFAULT_ROOT) -> None:
+    """Stop PostgreSQL under ``root``, if it runs, ending its clients' sessions (``start`` starts it again)."""
+    paths = _paths(Path(root).resolve())
     if (paths["pgdata"] / "PG_VERSION").exists():
         bindir = postgres_bindir()
         if _postgres_running(bindir, paths["pgdata"]):

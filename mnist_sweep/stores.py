@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import requests
 import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -32,6 +33,8 @@ NOT_A_DATABASE = {("sqlite", sqlite3.SQLITE_NOTADB), ("sqlite", sqlite3.SQLITE_C
 READ_ONLY = {*(("sqlite", code) for code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM)),
              *(("errno", code) for code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST))}
 DISK_FULL = {("sqlite", sqlite3.SQLITE_FULL), ("errno", errno.ENOSPC), ("sqlstate", "53100")}
+# MLflow's error codes for a tracking server that failed inside (its database away), not the request
+TRACKING_DOWN = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"}
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -53,8 +56,12 @@ def is_server(uri: str) -> bool:
 
 def engine_kwargs(uri: str) -> dict:
     """SQLAlchemy engine options for the database ``uri``: a PostgreSQL server that does not
-    answer is an error after ``CONNECT_TIMEOUT_S``, not a hang (libpq waits forever by default)."""
-    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if is_postgres(uri) else {}
+    answer is an error after ``CONNECT_TIMEOUT_S``, not a hang (libpq waits forever by default),
+    and a pooled connection is checked before use, so a server restarted between two calls
+    costs nothing (its old connections are dead; without the check the next call fails)."""
+    if not is_postgres(uri):
+        return {}
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
 
 
 @contextlib.contextmanager
@@ -108,6 +115,37 @@ class Redact(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redact(record.getMessage()), None
         return True
+
+
+def gone(error: BaseException) -> bool:
+    """Whether ``error`` says a store stopped answering (the database's connection lost or refused,
+    the tracking server unreachable or failing inside), not that what was asked of it was wrong: the
+    trial it cut short deserves another run once the store is back."""
+    return database_gone(error) or any(
+        isinstance(each, requests.RequestException) or getattr(each, "error_code", None) in TRACKING_DOWN
+        for each in causes(error))
+
+
+def database_gone(error: BaseException) -> bool:
+    """Whether ``error`` says the database stopped answering (a lost or refused connection)."""
+    return any(isinstance(each, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+               for each in causes(error))
+
+
+@contextlib.contextmanager
+def answering(what: str, uri: str) -> Iterator[None]:
+    """In the block, the database ``uri`` (``what`` it is) that stops answering is a
+    :class:`StoreError` naming it, in one line, where its driver's error would be a traceback
+    (Optuna words it as bad data: "An exception is raised during the commit")."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, StoreError) or not database_gone(err):
+            raise
+        said = [one_line(each) for each in causes(err) if one_line(each)]  # the driver's words come last
+        raise StoreError(f"{what} {redact(uri)} stopped answering ({said[-1]}): this worker stops; "
+                         "the study keeps every finished trial, and the same command goes on from there "
+                         "once it is back") from None
 
 
 def one_line(error: BaseException) -> str:

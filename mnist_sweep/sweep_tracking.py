@@ -150,7 +150,8 @@ def champion_run(client: MlflowClient, experiment_id: str, study: optuna.Study, 
     if MODEL_URI_TAG in best.data.tags:
         return best
     metric = selection_metric("val_acc" in best.data.metrics)
-    finished = {str(t.number) for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])}
+    done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
+    finished = {str(t.number) for t in done}
     query = f"tags.`{STUDY_TAG}` = '{study.study_name}' and tags.`{MODEL_URI_TAG}` LIKE 'models:/%'"
     runs = client.search_runs([experiment_id], query, order_by=[f"metrics.{metric} DESC"])
     return next((run for run in runs if run.data.tags.get(TRIAL_TAG) in finished and metric in run.data.metrics),

@@ -46,7 +46,7 @@ GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its job
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
 FEASIBLE_TAG = "feasible"  # a Pareto search's trial: true, or false and why (its accuracy is below the floor)
 DEADLINE_TAG = "deadline"  # where the sweep's deadline stopped the run (KILLED; its metrics and model kept)
-# The scores a logged model carries beside its costs (the last epoch's): what the Models tab sorts by
+# The scores a logged model carries beside its costs (the last epoch's): the Models tab's columns
 MODEL_SCORES = ("test_acc", "test_loss", "val_acc", "val_loss")
 # What MLflow raises when its store does not answer: its own error, or the HTTP client's
 LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
@@ -251,11 +251,11 @@ def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor,
 
 def log_costs(measured: Mapping[str, float], model_id: str | None) -> None:
     """The model's costs (:func:`costs.measure`) as the run's metrics and, given the id of the model
-    it logged, as that model's, with the run's latest scores: the columns by which MLflow's Models
-    tab sorts a study's candidates."""
-    mlflow.log_metrics(dict(measured), model_id=model_id)
-    if model_id is not None:
+    it logged, as that model's, with the run's latest scores: what MLflow's Models tab shows of each
+    of a study's candidates (and ``search_logged_models`` orders them by)."""
+    if model_id is not None:  # first: the Models tab orders its metric columns as they came
         link_scores(mlflow.active_run().info.run_id, model_id)
+    mlflow.log_metrics(dict(measured), model_id=model_id)
 
 
 def link_scores(run_id: str, model_id: str) -> None:
@@ -269,11 +269,12 @@ def link_scores(run_id: str, model_id: str) -> None:
 
 
 def model_name(arch: str, widths: Sequence[int], study: str | None, trial: int | None) -> str:
-    """What a logged model is called in the Models tab: its architecture and block widths, and in a
-    study its trial (``mnist_sweep-trial7-deep-24-48-96``); MLflow refuses ``/ : . % " '`` in a name."""
+    """What a logged model is called in the Models tab: its architecture and block widths, then in a
+    study which trial of which study (``deep-24-48-96-trial7-mnist_sweep``: the tab shows a name's
+    first 30 characters or so); MLflow refuses ``/ : . % " '`` in a name."""
     name = "-".join([arch, *map(str, widths)])
     if trial is not None:
-        name = f"{study}-trial{trial}-{name}"
+        name = f"{name}-trial{trial}-{study}"
     return re.sub(r"[/:.%\"']", "_", name)
 
 

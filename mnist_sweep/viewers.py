@@ -19,8 +19,10 @@ HOST = "127.0.0.1"  # this machine only: none of these servers has authenticatio
 PORTS = {"ui": 5000, "dashboard": 8080, "model": 5001}  # the model server steps off MLflow's 5000, the UI's
 
 
-def runs_link(tracking_uri: str, experiment: str, port: int) -> str | None:
-    """The experiment's runs table in the MLflow UI, or None if no run has created the experiment yet.
+def experiment_link(tracking_uri: str, experiment: str, port: int, tab: str = "runs") -> str | None:
+    """A tab of the experiment's page in the MLflow UI: ``runs`` (the runs table) or ``models`` (each
+    exported model with its params, scores and costs: the Models tab); None if no run has created
+    the experiment yet.
 
     ``workflowType=machine_learning`` opens the Model-training view: without it MLflow 3 lands on
     its GenAI overview of traces, which this project has none of.
@@ -30,7 +32,7 @@ def runs_link(tracking_uri: str, experiment: str, port: int) -> str | None:
     found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     if found is None:
         return None
-    return f"http://{HOST}:{port}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
+    return f"http://{HOST}:{port}/#/experiments/{found.experiment_id}/{tab}?workflowType=machine_learning"
 
 
 def study_link(storage: str, study_name: str, port: int) -> str | None:
@@ -45,12 +47,39 @@ def study_link(storage: str, study_name: str, port: int) -> str | None:
 
 
 def ui(tracking_uri: str, experiment: str, port: int) -> None:
-    link = runs_link(tracking_uri, experiment, port)
-    print(f"MLflow UI, the {experiment} runs: {link}" if link else
-          f"MLflow UI on http://{HOST}:{port}: no experiment {experiment} yet (make run creates it; then reload)")
+    link = experiment_link(tracking_uri, experiment, port)
+    if link:
+        print(f"MLflow UI, the {experiment} runs: {link}\n"
+              f"  its models, side by side with their scores and costs: "
+              f"{experiment_link(tracking_uri, experiment, port, 'models')}")
+    else:
+        print(f"MLflow UI on http://{HOST}:{port}: no experiment {experiment} yet (make run creates it; then reload)")
+    serve_ui(tracking_uri, port)
+
+
+def serve_ui(tracking_uri: str, port: int) -> None:
+    """Become the MLflow UI: one server process, light beside a running sweep.
+
+    ``mlflow ui`` as it comes starts 15 processes: itself, waiting on a uvicorn supervisor with 4
+    workers, and a GenAI job runner (LLM judges, trace archival) with 8 consumers, none of which
+    this project uses. Here MLflow's own command line still sets the server up (stores, security,
+    the server's environment), with one worker and no job runner, and this process then becomes
+    that server (exec) where MLflow would start it as a child and wait on it.
+    """
+    import mlflow.server
+    from mlflow.cli import cli
+
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # as make services' server (stack.py)
+    mlflow.server._exec_cmd = _become  # what MLflow's server launch calls to start its child
+    cli(["server", "--backend-store-uri", tracking_uri, "--host", HOST, "--port", str(port), "--workers", "1"],
+        prog_name="mlflow")
+
+
+def _become(cmd: list[str], extra_env: dict[str, str] | None = None, **_: object) -> None:
+    """In place of MLflow's child-process start: replace this process with ``cmd``."""
     sys.stdout.flush()  # before exec replaces this process
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-                              "--host", HOST, "--port", str(port)])
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, {**os.environ, **(extra_env or {})})
 
 
 def dashboard(storage: str, study_name: str, port: int) -> None:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import cProfile
 import os
 import re
+import uuid
 
+import numpy as np
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from conftest import run_cli
 from mnist_sweep import stack
-from mnist_sweep.bench import phases, report
+from mnist_sweep.bench import growth, phases, report
+from mnist_sweep.trial import JobTrial, open_storage
 
 MACHINE = {"date": "2026-01-01 00:00 UTC", "CPU": "test"}
 
@@ -47,7 +52,10 @@ def measurements() -> dict:
     profile = {"phases": dict.fromkeys(phases.PHASES, 0.5), "total": 4.5, "missing": dict.fromkeys(phases.PHASES, []),
                "details": {label: 0.1 for details in phases.DETAILS.values() for label in details}}
     bare = {"fit_s": 4.0, "acc": 0.99, "device": "cpu", "epoch_s": 2.0, "augment_s": 0.5}
-    return {"run": run, "sweep": sweep, "profile": profile, "bare": bare,
+    costs = {"runs": [{"latency_ms": ms, "latency_ms_iqr": 0.02, "seconds": s, "param_count": 29178,
+                       "model_bytes": 124789} for ms, s in ((1.0, 0.03), (1.2, 0.05), (0.8, 0.02))],
+             "passes": 50, "warmup": 5, "budget_s": 0.1}
+    return {"run": run, "sweep": sweep, "profile": profile, "bare": bare, "costs": costs,
             "trial": {"span_s": 6.0, "fit_s": 5.8, "model": False}}
 
 
@@ -55,7 +63,7 @@ def test_the_sections_rows_are_exactly_the_table_labels():
     m = measurements()
     overhead = (report.overhead_rows({"torch": [1.0], "main": [2.0]}, [m["run"]], [m["run"]], [m["bare"]],
                                      {"existing": m["profile"], "fresh": m["profile"]}, [m["trial"]] * 6)
-                | report.sweep_rows({1: m["sweep"]}))
+                | report.sweep_rows({1: m["sweep"]}) | report.cost_rows(m["costs"]))
     assert set(overhead) == set(report.OVERHEAD_ROWS)
     rows = (overhead | report.sweep_rows({1: m["sweep"], 2: m["sweep"]})
             | report.target_rows([m["run"]], [m["run"]])
@@ -68,6 +76,14 @@ def test_the_sections_rows_are_exactly_the_table_labels():
     assert list(table_rows(report.table(MACHINE, "cmd", report.ROWS, rows))) == list(report.ROWS)
 
 
+def test_the_latency_rows_give_the_median_the_spread_between_measurements_and_their_cost():
+    rows = report.cost_rows(measurements()["costs"])
+    latency, measuring = rows["model costs: latency_ms, default model"], rows["model costs: measuring them, per run"]
+    assert latency[0] == "1.000 ms"
+    assert latency[2].startswith("median of 3 measurements in a row: 0.800-1.200 ms, a spread of 40% of the median")
+    assert measuring[:2] == ("0.030 s", "<= 0.1 s: met") and "0.020-0.050 s" in measuring[2]
+
+
 def test_a_phase_missing_from_the_profile_is_named_in_its_row():
     m = measurements()
     m["profile"]["missing"] = dict.fromkeys(phases.PHASES, []) | {"model, optimizer": ["mnist_sweep.run.build"]}
@@ -75,6 +91,48 @@ def test_a_phase_missing_from_the_profile_is_named_in_its_row():
     assert rows["overhead phase: model, optimizer"][2].endswith("; not in the profile: mnist_sweep.run.build")
     assert rows["overhead phase: data"][0] == "11% ~0.4 s / 11% ~0.7 s"  # 0.5 s of 4.5 s profiled
     assert "not in the profile" not in rows["overhead phase: data"][2]
+
+
+def growth_measurements(report_s: dict[int, float]) -> dict:
+    """What the growth section hands back, with the later reports taking ``report_s`` at each size
+    and every other call 5 ms, 3 statements (figures made up)."""
+    def calls(n: int) -> dict:
+        return {name: {"s": report_s[n] if name == "report" else 0.005, "statements": 3, "sql_s": 0.002}
+                for name in report.GROWTH_CALLS}
+    sizes = {n: {"calls": calls(n), "reports": 16, "db_cpu_s": 0.5, "heartbeat_s": 10, "fill_s": 1.0,
+                 "trials": n} for n in report_s}
+    return {"study": sizes, "tracking": {"s": 0.8, "requests": 30, "server_cpu_s": 0.3, "db_cpu_s": 0.1}}
+
+
+def test_the_soak_rows_are_exactly_its_table_labels_and_judge_the_trials_lost():
+    from mnist_sweep.soak import Figures
+
+    figures = Figures(minutes=5.0, started=62, states={"COMPLETE": 50, "PRUNED": 10, "FAIL": 2}, trials_per_min=12.0,
+                      faults_planned=6, faults_injected=6, faults_survived=6, failed=2, trials_lost=0, restarts=9)
+    rows = report.soak_rows([], figures)
+    assert set(rows) == set(report.SOAK_ROWS)
+    assert rows["soak: trials lost"][1] == "0: met" and rows["soak: invariants"][0] == "all hold"
+    lost = report.soak_rows(["trial 3 is RUNNING at the end"], Figures(**{**vars(figures), "trials_lost": 1}))
+    assert lost["soak: trials lost"][1] == "0: not met" and lost["soak: invariants"][0] == "1 violated"
+    assert list(table_rows(report.table(MACHINE, "cmd", report.SOAK_ROWS, rows))) == list(report.SOAK_ROWS)
+
+
+def test_the_growth_rows_are_exactly_its_table_labels_and_judge_the_growth():
+    rows = report.growth_rows(growth_measurements({100: 0.001, 1000: 0.002, 5000: 0.01}))
+    assert set(rows) == set(report.GROWTH_ROWS)
+    assert set(report.growth_rows("PostgreSQL is not installed")) == set(rows)
+    label = f"study growth: {report.GROWTH_CALLS['report']}"
+    assert rows[label][0] == "100: 1.0 ms; 1,000: 2.0 ms; 5,000: 10.0 ms"
+    assert rows[label][1].endswith(": met")  # 5x the time for 5x the trials, under 100 ms
+    faster = report.growth_rows(growth_measurements({100: 0.001, 1000: 0.002, 5000: 0.011}))
+    assert faster[label][1].endswith(": not met")  # 5.5x the time for 5x the trials
+    slow = report.growth_rows(growth_measurements({100: 0.1, 1000: 0.1, 5000: 0.12}))
+    assert slow[label][1].endswith(": not met")  # past 100 ms at 5,000
+    # a trial: 9 calls of 3 statements (heartbeats apart) and 15 more reports; in a minute, 12
+    # heartbeats (its job's and its sweeper's), each a statement of 0.5 s / 72: 60 s / (0.5 + 12 * 0.5 / 72) s
+    assert rows["study growth: database per trial"][0] == "72 statements, 500 ms PostgreSQL CPU"
+    assert rows["study growth: workers one PostgreSQL carries"][0].startswith(f"{60 / (0.5 + 12 * 0.5 / 72):,.0f} ")
+    assert rows["tracking server: workers it carries"][0] == "150 for 1-min trials, 1,500 for 10-min trials"
 
 
 # ----------------------------------------------------------------------------- the phases
@@ -175,6 +233,41 @@ def test_every_phase_names_a_function_that_exists_and_a_gone_one_fails_at_once()
         phases.resolve({"mnist_sweep.tracking.no_such_function"})
 
 
+# ----------------------------------------------------------------------------- the study's growth
+
+
+def test_synthetic_trials_report_at_the_steps_a_job_reports_at(tmp_path):
+    space, pruner, _, checks = growth.search_config()
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), direction="maximize",
+                                pruner=pruner)
+    for epochs in (2, 8):
+        job = JobTrial(study, study.ask().number, study._storage, None, "test_acc", epochs, checks)
+        for step in range(1, epochs * (checks + 1) + 1):
+            job.report_check(step, 0.99)
+        assert list(study.trials[-1].intermediate_values) == growth.percents(epochs, checks)
+
+
+def test_a_filled_study_holds_finished_trials_of_the_default_search(local_stack, monkeypatch):
+    monkeypatch.setenv("PGPASSFILE", str(local_stack.pgpass))
+    space, pruner, _, checks = growth.search_config()
+    name = f"growth-{uuid.uuid4().hex}"
+    study = optuna.create_study(study_name=name, storage=open_storage(local_stack.optuna_storage),
+                                direction="maximize", pruner=pruner)
+    growth.fill(study, 30, space, checks, np.random.default_rng(0))
+    growth.fill(study, 40, space, checks, np.random.default_rng(1))  # to 40: 10 more
+    trials = optuna.load_study(study_name=name, storage=local_stack.optuna_storage).get_trials()  # as stored
+    assert len(trials) == 40
+    assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.PRUNED}
+    for t in trials:
+        assert {n: type(d) for n, d in t.distributions.items()} == {n: type(d) for n, d in space.items()}
+        assert all(d._contains(d.to_internal_repr(t.params[n])) for n, d in space.items())
+        steps, reported = growth.percents(t.params["epochs"], checks), list(t.intermediate_values)
+        if t.state == TrialState.COMPLETE:
+            assert reported == steps and t.value == t.intermediate_values[100]
+        else:  # pruned at a check past the pruner's warm-up
+            assert reported == steps[:len(reported)] and reported[-1] >= pruner._n_warmup_steps
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -200,6 +293,7 @@ RESULTS = [
     (r"^wall time saved", r"^(-?\d+% less, best [+-]\d+\.\d\d pt|n/a)$"),
     (r"^GPU: ", r"^(no GPU|\d+\.\d s)"),
     (r"^augment=", r"^\d+\.\d\d s of warps$"),
+    (r"^model costs: ", r"^\d+\.\d{3} (ms|s)$"),
 ]
 
 
@@ -222,6 +316,26 @@ def test_quick_benchmark_prints_and_writes_the_whole_table(overrides, tmp_path):
     sweeps = 4 if shared_stores_available() else 2  # both embedded sweeps, and both on the shared stores
     assert table.count("2 of 2 trials completed") == sweeps  # every sweep really ran its trials
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # bench runs stay in the bench's store
+
+
+@pytest.mark.slow
+def test_quick_growth_benchmark_times_every_call_at_each_size(overrides, tmp_path):
+    out = tmp_path / "bench"
+    done = run_cli("mnist_sweep.bench", "--quick", "--growth", "--out", str(out), "--", *overrides, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = table_rows((out / "latest.md").read_text())
+    assert list(rows) == list(report.GROWTH_ROWS)
+    if not shared_stores_available():
+        assert {result for result, _, _ in rows.values()} == {"n/a"}
+        return
+    sizes = "; ".join(f"{n}: " + r"\d+\.\d ms" for n in growth.QUICK_SIZES)
+    for label in report.GROWTH_ROWS:
+        result, _, detail = rows[label]
+        if label.startswith("study growth: ") and label[len("study growth: "):] in report.GROWTH_CALLS.values():
+            assert re.fullmatch(sizes, result), (label, result)
+            assert re.match(r"SQL statements [1-9]\d* / [1-9]", detail), (label, detail)  # each call reaches the study
+        else:
+            assert re.match(r"[1-9][\d,]* ", result), (label, result)
 
 
 @pytest.mark.slow

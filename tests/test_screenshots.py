@@ -14,13 +14,13 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH")]
 
 
-def test_the_script_pictures_the_sweeps_runs_table_and_trial_charts(overrides, tmp_path):
+def test_the_script_pictures_the_sweeps_runs_table_trial_charts_and_models_tab(overrides, tmp_path):
     sweep_overrides = [o for o in overrides if not o.startswith("paths.outputs=")]  # the script keeps its own store
     done = subprocess.run([sys.executable, "docs/screenshots.py", "--out", str(tmp_path), "--trials", "2",
                            *sweep_overrides], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     # the script waits for the trials, the columns and the charts to show, and fails otherwise
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    for name in ("runs-table.png", "trials-chart.png"):
+    for name in ("runs-table.png", "trials-chart.png", "models-tab.png"):
         path = tmp_path / name
         assert path.stat().st_size < 300_000, name
         with Image.open(path) as image:

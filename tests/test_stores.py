@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import optuna
 import pytest
+import requests
 import sqlalchemy
 
 from mnist_sweep import stores, tracking, trial
@@ -175,3 +177,18 @@ def test_a_full_disk_names_the_fullest_of_the_places_written(tmp_path, monkeypat
         "another disk, then run the same command again; what finished is kept")
     assert stores.written(str(roomy), "sqlite:////srv/mlflow.db?timeout=60", "http://host:5000", None,
                           "postgresql+psycopg://db/optuna", "mlflow-artifacts:/") == [roomy, Path("/srv/mlflow.db")]
+
+
+def test_a_database_that_stops_answering_is_one_line_naming_it_and_what_was_said():
+    driver = ConnectionRefusedError("connection refused\n\tIs the server running?")
+    refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, driver)
+    refused.__cause__ = driver  # as SQLAlchemy raises it: from the driver's error
+    uri = "postgresql+psycopg://me:pw@db:5433/optuna"
+    with pytest.raises(stores.StoreError) as caught, stores.answering("the study's database", uri):
+        # Optuna words it as bad data, with SQLAlchemy's error, then the driver's, as its causes
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from refused
+    assert str(caught.value).startswith("the study's database postgresql+psycopg://me:***@db:5433/optuna stopped "
+                                        "answering (connection refused Is the server running?): this worker stops")
+    with pytest.raises(ValueError), stores.answering("the study's database", uri):  # anything else goes through
+        raise ValueError("bad data")
+    assert stores.gone(refused) and stores.gone(requests.ConnectionError()) and not stores.gone(ValueError())

@@ -31,11 +31,13 @@ def trial_run(client: MlflowClient, study: optuna.Study, parent: str, acc: float
     """A trial with its child run, as a job leaves them: the run RUNNING until ``acc`` completes both."""
     trial = study.ask()
     if acc is None:  # its worker died mid-trial: nobody ends its run
-        tags = {"mlflow.parentRunId": parent, tracking.STUDY_TAG: study.study_name, tracking.TRIAL_TAG: str(trial.number)}
+        tags = {"mlflow.parentRunId": parent, tracking.STUDY_TAG: study.study_name,
+                tracking.TRIAL_TAG: str(trial.number)}
         orphan = client.create_run(client.get_run(parent).info.experiment_id, tags=tags)
         trial.set_user_attr(RUN_ID_ATTR, orphan.info.run_id)
         return orphan.info.run_id
-    with tracking.run(f"trial-{trial.number}", {}, {tracking.TRIAL_TAG: str(trial.number)}, parent) as active:
+    tags = {tracking.TRIAL_TAG: str(trial.number), tracking.STUDY_TAG: study.study_name}
+    with tracking.run(f"trial-{trial.number}", {}, tags, parent) as active:
         trial.set_user_attr(RUN_ID_ATTR, active.info.run_id)
         if model:
             tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
@@ -80,6 +82,24 @@ def test_a_dead_workers_run_is_ended_failed_with_the_reason(stores_, tmp_path):
     run = client.get_run(orphan)
     assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags[sweep_tracking.FAILURE_TAG]
     assert client.get_run(tracker.parent_id).info.status == "FINISHED"  # no best run: no champion, no error
+
+
+def test_a_run_its_job_could_not_end_is_ended_failed_and_the_champion_is_the_best_with_a_model(stores_, tmp_path):
+    tracker, study, client = stores_
+    with_model = trial_run(client, study, tracker.parent_id, 0.8, model=True)
+    # the best trial: its job lost the tracking server after its metrics, before its model and its end
+    trial = study.ask()
+    tags = {"mlflow.parentRunId": tracker.parent_id, tracking.STUDY_TAG: study.study_name,
+            tracking.TRIAL_TAG: str(trial.number)}
+    cut_short = client.create_run(client.get_run(tracker.parent_id).info.experiment_id, tags=tags).info.run_id
+    client.log_metric(cut_short, "test_acc", 0.9)
+    trial.set_user_attr(RUN_ID_ATTR, cut_short)
+    study.tell(trial, 0.9)
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    run = client.get_run(cut_short)
+    assert run.info.status == "FAILED" and "its record is incomplete" in run.data.tags[sweep_tracking.FAILURE_TAG]
+    assert client.get_run(tracker.parent_id).data.tags["best_run_id"] == cut_short  # the study's best, as it is
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id == with_model  # the best with a model
 
 
 def test_when_every_trial_diverged_nothing_is_crowned_and_the_parent_still_ends(stores_, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import requests
 import torch
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
@@ -209,6 +210,23 @@ def test_a_trial_whose_job_on_this_host_is_gone_fails_at_once_with_why(tmp_path)
     assert trials[0].user_attrs[FAILURE_ATTR] == (f"its job (process {pid} on {socket.gethostname()}) ended "
                                                   "mid-trial: killed, or crashed")
 
+
+
+def test_a_job_that_lost_a_store_fails_its_trial_with_why_and_it_is_requeued_once(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", max_retry=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    lost, crashed = study.ask(), study.ask()
+    down = requests.ConnectionError("Connection refused")  # what MLflow's client meets when its server is down
+    sweeper.record_returns(study, storage, [lost, crashed], returns(
+        (JobStatus.FAILED, down), (JobStatus.FAILED, RuntimeError("boom"))), max_failure_rate=1.0)
+    # two workers failing the same trial at once (fail_abandoned on one host): the second finds it
+    # failed already and re-queues nothing
+    sweeper.fail_ended_job(study, storage, lost, "again")
+    trials = study.get_trials()
+    # one retry, of the trial that lost a store; none of the crash
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs[FAILURE_ATTR] == "its job lost a store: Connection refused"
+    assert trials[2].system_attrs["fixed_params"] == trials[0].params
 
 # --------------------------------------------------------------------------- whole sweeps, in subprocesses
 

@@ -6,12 +6,14 @@ import uuid
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
 from conftest import only_run, store
-from mnist_sweep import stores, tracking
+from mnist_sweep import costs, stores, tracking
 from mnist_sweep.config import compose
+from mnist_sweep.model import ConvNet
 
 
 def test_mlflow_http_retries_are_bounded(monkeypatch):
@@ -95,3 +97,41 @@ def test_a_tracking_server_keeps_artifacts_itself_whatever_artifact_root_says(lo
                                                 "mlflow.experiment") as err:
         tracking.use_store(local_stack.tracking_uri, legacy, str(tmp_path / "mlartifacts"))
     assert "\n" not in str(err.value)
+
+
+def test_logged_models_are_named_carry_their_scores_costs_and_params_and_sort_by_them(tmp_path):
+    """What MLflow's Models tab lists: each candidate by name, its last scores and its costs."""
+    store(tmp_path)
+    tracking.use_store(mlflow.get_tracking_uri(), "mnist_sweep", str(tmp_path / "artifacts"))
+    image = torch.full((1, 1, 28, 28), 128.0)
+    for trial, widths, acc in ((1, [4], 0.9), (2, [8, 16], 0.95)):
+        model = ConvNet(widths)
+        with tracking.run(f"trial-{trial}", {"model.channels": str(widths)}, {}) as active:
+            tracking.log_epoch(1, {"test_acc": acc - 0.1, "test_loss": 0.5})
+            tracking.log_epoch(2, {"test_acc": acc, "test_loss": 0.3})
+            tracking.log_check(2, 0.1)  # a check's step counts checks: not the last epoch's score
+            name = tracking.model_name("shallow", model.widths, "lr.study/2", trial)
+            model_id = tracking.log_outputs(model, None, torch.zeros(2, 1, 28, 28), "pickle", name)
+            tracking.log_costs(costs.measure(model, image), model_id)
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("mnist_sweep").experiment_id
+
+    def names(key: str, ascending: bool) -> list[str]:
+        found = client.search_logged_models([experiment_id], order_by=[{"field_name": f"metrics.{key}",
+                                                                         "ascending": ascending}])
+        return [model.name for model in found]
+
+    small, large = "shallow-4-trial1-lr_study_2", "shallow-8-16-trial2-lr_study_2"  # no . or / in a model's name
+    assert names("test_acc", ascending=False) == [large, small]
+    assert names("param_count", ascending=True) == [small, large]
+    for model in client.search_logged_models([experiment_id]):
+        run = client.get_run(model.source_run_id)
+        assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}"
+        linked = {metric.key: metric.value for metric in model.metrics}
+        assert linked == {key: run.data.metrics[key] for key in ("test_acc", "test_loss", "param_count", "latency_ms",
+                                                                 "latency_ms_iqr", "model_bytes")}
+        assert linked["test_acc"] in (0.9, 0.95)  # the last epoch's
+        assert model.params == run.data.params  # the run's config, as columns
+        # the run's own history keeps one point per epoch: the model's scores are those very points
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1, 2]
+

@@ -6,6 +6,8 @@ import time
 
 import optuna
 import pytest
+import requests
+import sqlalchemy
 from optuna.trial import TrialState
 
 from conftest import ended_pid
@@ -81,6 +83,31 @@ def test_an_error_inside_the_trial_fails_it_and_a_result_completes_it(storage):
     assert states[crashed.number][0] == TrialState.FAIL
     assert states[done.number] == (TrialState.COMPLETE, 0.7, {trial.RUN_ID_ATTR: "abc",
                                                               trial.WORKER_ATTR: trial.this_worker()})
+
+
+def test_a_store_that_went_away_leaves_the_trial_running_for_its_sweeper_to_fail_and_requeue(storage):
+    study = optuna.create_study(study_name="s", storage=storage)
+    lost = job(study, storage)
+    with pytest.raises(requests.ConnectionError):
+        with lost:
+            raise requests.ConnectionError("the tracking server refused the connection")
+    assert study.get_trials()[0].state == TrialState.RUNNING  # the sweeper's record_returns fails it, with why
+
+
+def test_a_heartbeat_missed_while_the_database_restarts_does_not_stop_the_beats(storage, monkeypatch):
+    study = optuna.create_study(study_name="s", storage=storage)
+    number = study.ask().number
+    beats = []
+
+    def beat(trial_id: int) -> None:
+        beats.append(trial_id)
+        if len(beats) == 1:  # the first beat meets the restart
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(storage, "record_heartbeat", beat)
+    with trial.Heartbeat(storage, [number], interval=0.05):
+        time.sleep(0.3)
+    assert len(beats) >= 2  # the thread beat on after the failed one
 
 
 def test_joining_names_what_is_wrong_in_one_line(storage, tmp_path):

@@ -25,35 +25,34 @@ from mnist_sweep.stack import free_port
 from mnist_sweep.config import PROJECT_ROOT
 
 
-def test_the_ui_link_opens_the_configured_experiments_runs(tmp_path):
+def test_the_ui_links_open_the_configured_experiments_runs_and_models(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     client.create_experiment("another")  # so that the id is not the first one by luck
     experiment_id = client.create_experiment("mnist_sweep")
-    assert viewers.runs_link(tracking_uri, "mnist_sweep", 5000) == (
-        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
-    assert viewers.runs_link(tracking_uri, "not-there", 5000) is None
+    for tab in ("runs", "models"):
+        assert viewers.experiment_link(tracking_uri, "mnist_sweep", 5000, tab) == (
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/{tab}?workflowType=machine_learning")
+    assert viewers.experiment_link(tracking_uri, "not-there", 5000) is None
 
 
-def test_make_ui_prints_the_link_then_starts_the_ui_on_localhost(tmp_path, monkeypatch, capsys):
+def test_make_ui_prints_the_links_then_starts_the_ui_on_localhost(tmp_path, monkeypatch, capsys):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     tracking_uri = f"sqlite:///{outputs}/mlflow.db?timeout=60"  # what paths.outputs makes of mlflow.tracking_uri
     started = []
-    monkeypatch.setattr(viewers.os, "execv", lambda path, argv: started.append(argv))
+    monkeypatch.setattr(viewers, "serve_ui", lambda uri, port: started.append((uri, port)))
 
     assert viewers.main(["ui", f"paths.outputs={outputs}"]) == 0
     assert capsys.readouterr().out == (
         "MLflow UI on http://127.0.0.1:5000: no experiment mnist_sweep yet (make run creates it; then reload)\n")
     experiment_id = MlflowClient(tracking_uri).create_experiment("mnist_sweep")
     assert viewers.main(["ui", f"paths.outputs={outputs}", "port=5005"]) == 0
-    link = f"http://127.0.0.1:5005/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    assert capsys.readouterr().out == f"MLflow UI, the mnist_sweep runs: {link}\n"
-    for argv in started:  # the UI is started both times, on this machine only
-        assert argv[1:4] == ["-m", "mlflow", "ui"]
-        assert argv[argv.index("--backend-store-uri") + 1] == tracking_uri
-        assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert [argv[argv.index("--port") + 1] for argv in started] == ["5000", "5005"]
+    page = f"http://127.0.0.1:5005/#/experiments/{experiment_id}"
+    assert capsys.readouterr().out == (
+        f"MLflow UI, the mnist_sweep runs: {page}/runs?workflowType=machine_learning\n"
+        f"  its models, side by side with their scores and costs: {page}/models?workflowType=machine_learning\n")
+    assert started == [(tracking_uri, 5000), (tracking_uri, 5005)]  # the UI is started both times
 
 
 def test_make_dashboard_serves_the_sweeps_study_storage_on_localhost(tmp_path, monkeypatch, capsys):
@@ -134,3 +133,51 @@ def test_make_serve_answers_raw_pixels_over_rest_with_the_champion(logged_model,
         want = logged_model.model(torch.from_numpy(images).float().unsqueeze(1)).numpy()
     assert served.shape == (5, 10)
     np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-4)
+
+
+def session_processes(sid: int) -> list[int]:
+    """The processes of session ``sid`` (a process started with start_new_session leads its own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[3]) == sid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow  # starts the real MLflow UI
+def test_make_ui_is_one_server_process_without_a_job_runner_serving_the_models(logged_model, tmp_path):
+    port, log = free_port(), tmp_path / "ui.log"
+    cmd = [sys.executable, "-m", "mnist_sweep.viewers", "ui", f"port={port}",
+           f"mlflow.tracking_uri={logged_model.tracking_uri}", "mlflow.experiment=tiny"]
+    with log.open("w") as out:
+        server = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_until_ready(server, f"http://127.0.0.1:{port}/health", log, seconds=120)
+        # MLflow's own launch: 15 processes (itself, 4 workers and their supervisor, a job runner and 8 consumers)
+        assert session_processes(server.pid) == [server.pid], log.read_text()[-2000:]
+        argv = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode().split("\0")
+        assert argv[1:3] == ["-m", "uvicorn"] and argv[argv.index("--workers") + 1] == "1"
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        environ = Path(f"/proc/{server.pid}/environ").read_bytes().decode().split("\0")
+        assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in environ
+        # what the Models tab asks the server for: the experiment's logged models, by name
+        experiment_id = MlflowClient(logged_model.tracking_uri).get_experiment_by_name("tiny").experiment_id
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/logged-models/search",
+                                         json.dumps({"experiment_ids": [experiment_id]}).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            models = json.load(response)["models"]
+        assert [model["info"]["name"] for model in models] == ["shallow-4-8"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert "its models, side by side with their scores and costs: " in log.read_text()  # make ui's second link

@@ -35,6 +35,12 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    when the sweeper asked for it) to the next trial's, minus its training and evaluation (the run's
    ``epoch_seconds`` and ``eval_seconds`` metrics); the first trial (it pays the process's one-time
    costs) and the last (no next start) are left out. Target: <= 0.3 s.
+   Model costs (``model costs``): the ``latency_ms`` every run logs (:mod:`mnist_sweep.costs`: the
+   median of up to 50 passes at batch 1 on one CPU thread after 5 warm-up passes, within 0.1 s),
+   measured 20 times in a row on the default model in this process: their median, their range as
+   a share of it (the metric's noise between runs), the median IQR of one measurement's passes
+   (its noise within, logged as ``latency_ms_iqr``), and the seconds ``costs.measure`` adds to a run
+   (target <= 0.1 s). Its share of a profiled run is the ``model costs`` phase.
    ``--overhead`` runs only these measurements.
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (8 trials of one size: a
    1-epoch default run; no pruner; spawn to exit), first 1 worker x 2 threads, then joblib with
@@ -48,7 +54,8 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    first one worker process, then 2 worker processes started together (threads=1 each) sharing the
    study; and what tracking one trial costs, embedded sqlite against the server over HTTP: the
    records of a run (params, datasets, an epoch's metrics and checks, config files, weights, the
-   pt2 model) without its training, in this process, median over ``--repeats`` after a warm-up.
+   pt2 model, its costs linked to it) without its training, in this process, median over
+   ``--repeats`` after a warm-up.
 6. With CUDA the bare loop runs on the GPU after one warm-up fit; its fit time is the GPU's time to
    99.0% after warm-up.
 7. Augmentation: one epoch of the bare loop per ``augment`` option, and the seconds its warps alone
@@ -58,6 +65,25 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    accuracy), ``hydra/sweeper=long`` (>= 99.65%), and the same with ``data.val_size=5000``, whose
    best trial is chosen on val_acc and reported on test (>= 99.6%). Each row names its best trial's
    config.
+9. ``--growth`` runs only the study's cost as it grows, on a PostgreSQL and an MLflow server of the
+   bench's own (as in 5.): a study is filled with synthetic finished trials of the default search
+   (``growth``: its space as the sweeper parses it, a report at every percent step a job reports
+   at, COMPLETE and PRUNED ones), and at 100, 1,000 and 5,000 trials (``--quick``: 10 and 50)
+   ``--repeats`` trials run through the product's own calls: the sweeper's per-batch work
+   (``fail_stale_trials``, ``fail_abandoned``, ``room``), its ask (the configured TPE sampler), the
+   job's join, heartbeat, every report of a 4-epoch trial (report + the configured median pruner),
+   ``leads`` and its tell, then ``record_returns``; medians per call, with the SQL statements each
+   makes (SQLAlchemy's cursor events) and their time. Target: <= 100 ms a call at 5,000 trials,
+   growing no faster than the study. At the largest size, one trial's load on PostgreSQL: its
+   statements and the server's CPU seconds (its processes' CPU time in /proc, the ended backends
+   included), and from it the workers one server core carries for trials of 1 and 10 minutes
+   (heartbeats included); likewise the tracking server: one trial's records as 5. times them, the
+   HTTP requests they make and the CPU they cost the server and its database.
+10. ``--soak`` runs only the soak (``make soak``, :mod:`mnist_sweep.soak`: 3 workers, 60 tiny trials,
+    a worker killed and both servers restarted, in a directory of its own, up to 20 minutes; with
+    ``--quick``, 2 workers, 6 trials, one fault of each kind): faults injected and survived, trials
+    lost (target 0), trials/min under faults, and whether every invariant held. Only when asked: a
+    full bench would grow by up to 20 minutes, and the soak's trials/min measures resilience, not speed.
 
 Bench runs go to the experiment ``bench`` in a store of their own, ``<out>/mlflow.db``: a sweep
 registers its best model, and a benchmark must not move the project's @champion. docs/benchmark.md
@@ -65,6 +91,6 @@ holds the tables with their dates and machines; the README, the current headline
 
 The package: ``__main__`` (the command line), ``classic`` (the classic recipe, its own process),
 ``timers`` (processes and sweeps, spawn to exit), ``inprocess`` (the bare loop, warps, tracking),
-``phases`` (a profile split into phases), ``measure`` (the sections, in order), ``report`` (the
-table, rows keyed by label). Nothing is imported here: the classic child imports this package.
+``phases`` (a profile split into phases), ``growth`` (a study of synthetic trials, the product's
+calls on it), ``measure`` (the sections, in order), ``report`` (the table, rows keyed by label). Nothing is imported here: the classic child imports this package.
 """

@@ -18,6 +18,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--search", action="store_true",
                         help="only the search targets: the default -m for 10 minutes, hydra/sweeper=long, and "
                              "hydra/sweeper=long with data.val_size=5000 (hours on a CPU)")
+    parser.add_argument("--growth", action="store_true",
+                        help="only the study's cost as it grows: the product's calls on a PostgreSQL study of 100, "
+                             "1,000 and 5,000 trials, and what one trial costs the database and the tracking server")
+    parser.add_argument("--soak", action="store_true",
+                        help="only the soak (make soak): 3 workers, 60 tiny trials, faults injected; its figures "
+                             "(up to 20 minutes; with --quick a short schedule)")
     parser.add_argument("--repeats", type=int, default=3, help="times each recipe runs (alternating); default 3")
     parser.add_argument("--out", type=Path, help="where the table and the bench store go (default outputs/bench)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after `--` (e.g. data.root=DIR)")
@@ -37,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                           args.repeats)
     if args.search:
         labels, rows = report.SEARCH_ROWS, measure.search_targets(bench)
+    elif args.soak:
+        labels, rows = report.SOAK_ROWS, report.soak_rows(*measure.soak(bench))
+    elif args.growth:
+        labels, rows = report.GROWTH_ROWS, report.growth_rows(measure.study_growth(bench))
     else:
         labels = report.OVERHEAD_ROWS if args.overhead else report.ROWS
         rows = measure.overhead_and_more(bench, overhead_only=args.overhead)

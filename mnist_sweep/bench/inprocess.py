@@ -1,5 +1,5 @@
-"""Measurements in the bench's own process: the bare training loop, augmentation's warps, and what
-tracking one trial costs in a store."""
+"""Measurements in the bench's own process: the bare training loop, augmentation's warps, a model's
+cost metrics, and what tracking one trial costs in a store."""
 
 from __future__ import annotations
 
@@ -49,6 +49,23 @@ def time_augment(cfg) -> dict:
     return fit | {"augment_s": time.perf_counter() - start}
 
 
+def time_costs(cfg, repeats: int) -> dict:
+    """``costs.measure`` on the default model, ``repeats`` times in a row as a run makes it once: the
+    latency each gives (and the spread of its own passes) and the seconds each measurement costs."""
+    from hydra.utils import instantiate
+
+    from mnist_sweep import costs
+
+    torch.manual_seed(cfg.seed)
+    model, image = instantiate(cfg.model), torch.full((1, 1, 28, 28), 128.0)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        measured = costs.measure(model, image)
+        runs.append(measured | {"seconds": time.perf_counter() - start})
+    return {"runs": runs, "passes": costs.PASSES, "warmup": costs.WARMUP, "budget_s": costs.BUDGET_S}
+
+
 def record_trial(cfg, params: dict, datasets: list, model: torch.nn.Module, hydra_dir: Path) -> None:
     """What a run records, without its training: params, datasets, checks, an epoch, config files, model."""
     from mnist_sweep import tracking
@@ -59,7 +76,9 @@ def record_trial(cfg, params: dict, datasets: list, model: torch.nn.Module, hydr
             tracking.log_check(step, 0.9)
         tracking.log_epoch(4, {"train_loss": 0.1, "test_loss": 0.1, "test_acc": 0.99,
                                "epoch_seconds": 10.0, "images_per_second": 6000.0})
-        tracking.log_outputs(model, hydra_dir, torch.zeros(2, 1, 28, 28), cfg.mlflow.model_format)
+        model_id = tracking.log_outputs(model, hydra_dir, torch.zeros(2, 1, 28, 28), cfg.mlflow.model_format, "bench")
+        tracking.log_costs({"param_count": 29178, "latency_ms": 0.3, "latency_ms_iqr": 0.02, "model_bytes": 124789},
+                           model_id)
 
 
 def time_tracking(targets: Mapping[str, tuple[str, str | None]], cfg, repeats: int) -> dict[str, float]:

@@ -3,9 +3,11 @@ and hands back what it measured; ``report`` turns that into rows."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -13,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mnist_sweep import stack
 from mnist_sweep.bench import classic, phases, report
-from mnist_sweep.bench.inprocess import time_augment, time_bare_fit, time_tracking
+from mnist_sweep.bench.inprocess import time_augment, time_bare_fit, time_costs, time_tracking
 from mnist_sweep.bench.timers import (Stores, profile_run, server_stores, sqlite_stores, time_classic, time_imports,
                                       time_run, time_sweep, trial_overheads)
 
@@ -27,6 +30,7 @@ SWEEP_TRIALS = 8  # per mode: 6 of them (not the first, not the last) give the p
 SWEEP_PINS = ("model=shallow", "model.channels=16", "epochs=1", "augment=none")
 # How the embedded stores' sweep runs its trials, by workers: one at a time, or joblib's processes
 LAUNCHERS = {1: (), 2: ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")}
+COST_MEASUREMENTS = 20  # latency measurements of one model in a row: their spread is the metric's noise
 PRUNE_TRIALS = 10  # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2   # a trial's length: pruning can save most of it
 
@@ -105,6 +109,11 @@ def bare_fits(bench: Bench) -> list[dict]:
     return [time_bare_fit(bench.cfg) for _ in range(bench.repeats)]
 
 
+def model_costs(bench: Bench) -> dict:
+    say("cost metrics of the default model, measured again and again")
+    return time_costs(bench.cfg, 3 if bench.quick else COST_MEASUREMENTS)
+
+
 def pinned(workers: int) -> list[str]:
     """A throughput sweep's arguments: its trials' fixed size, the threads each gets, no pruner."""
     return [*SWEEP_PINS, f"threads={2 // workers}", "hydra/sweeper/pruner=none"]
@@ -116,16 +125,9 @@ def throughput(bench: Bench, workers: int) -> dict:
                       bench.n_trials, launcher=LAUNCHERS[workers])
 
 
-def shared_stores(bench: Bench) -> tuple[dict, dict] | str:
-    """The throughput sweep on shared stores of the bench's own (stopped at the end) with 1 and 2
-    worker processes, and the tracking cost; a one-line reason instead where PostgreSQL is not installed."""
-    from mnist_sweep import stack
-
-    say("shared stores (PostgreSQL, MLflow server)")
-    try:
-        stack.postgres_bindir()
-    except FileNotFoundError as err:
-        return str(err)
+@contextlib.contextmanager
+def own_stack() -> Iterator[stack.Stack]:
+    """``make services``' PostgreSQL and MLflow server, of the bench's own, stopped at the end."""
     # Throwaway servers in a directory the user postgres can enter (as root, PostgreSQL runs as
     # postgres, and `out` may sit under a private directory such as /tmp/pytest-of-root)
     root = Path(tempfile.mkdtemp(prefix="mnist_sweep-bench-services-"))
@@ -134,17 +136,50 @@ def shared_stores(bench: Bench) -> tuple[dict, dict] | str:
     pg_port = stack.free_port()
     mlflow_port = next(port for port in iter(stack.free_port, None) if port != pg_port)
     try:
-        running = stack.start(root, pg_port=pg_port, mlflow_port=mlflow_port)
+        yield stack.start(root, pg_port=pg_port, mlflow_port=mlflow_port)
+    finally:
+        stack.stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def shared_stores(bench: Bench) -> tuple[dict, dict] | str:
+    """The throughput sweep on shared stores of the bench's own (stopped at the end) with 1 and 2
+    worker processes, and the tracking cost; a one-line reason instead where PostgreSQL is not installed."""
+    say("shared stores (PostgreSQL, MLflow server)")
+    try:
+        stack.postgres_bindir()
+    except FileNotFoundError as err:
+        return str(err)
+    with own_stack() as running:
         sweeps = {workers: time_sweep(f"bench-{bench.stamp}-shared-{workers}w", pinned(workers), server_stores(running),
                                       bench.out, bench.user, bench.n_trials, processes=workers)
                   for workers in (1, 2)}
         cfg = bench.cfg
         costs = time_tracking({"embedded": (cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root),
                                "server": (running.tracking_uri, None)}, cfg, bench.repeats)
-    finally:
-        stack.stop(root)
-        shutil.rmtree(root, ignore_errors=True)
     return sweeps, costs
+
+
+def study_growth(bench: Bench) -> dict | str:
+    """The study's cost at each size (``growth.SIZES``; quick: ``QUICK_SIZES``) on a PostgreSQL of the
+    bench's own, and one trial's cost to its tracking server; a one-line reason instead where
+    PostgreSQL is not installed."""
+    from mnist_sweep.bench import growth
+
+    say("the study's cost as it grows (PostgreSQL, MLflow server)")
+    try:
+        stack.postgres_bindir()
+    except FileNotFoundError as err:
+        return str(err)
+    with own_stack() as running:
+        postmaster = int((running.root / "pgdata" / "postmaster.pid").read_text().split()[0])
+        with growth.pgpass(running.pgpass):
+            study = growth.measure(running.optuna_storage, f"bench-{bench.stamp}-growth",
+                                   growth.QUICK_SIZES if bench.quick else growth.SIZES, bench.repeats, postmaster,
+                                   on_size=lambda n: say(f"study of {n} trials"))
+        server = int((running.root / "mlflow.pid").read_text())
+        tracking = growth.tracking_cost(bench.cfg, running.tracking_uri, server, postmaster, bench.repeats)
+    return {"study": study, "tracking": tracking}
 
 
 def pruning(bench: Bench) -> dict[str, dict]:
@@ -177,12 +212,28 @@ def overhead_and_more(bench: Bench, overhead_only: bool) -> report.Rows:
     sweeps = {workers: throughput(bench, workers) for workers in ((1,) if overhead_only else (1, 2))}
     trials = trial_overheads(f"bench-{bench.stamp}-1w", bench.stores)
     rows = report.overhead_rows(runs["imports"], runs["ours"], runs["fresh"], bare, profiled, trials)
-    rows |= report.sweep_rows(sweeps)
+    rows |= report.sweep_rows(sweeps) | report.cost_rows(model_costs(bench))
     if overhead_only:
         return rows
     shared, searches, augments = shared_stores(bench), pruning(bench), augment_epochs(bench)
     return (rows | report.target_rows(runs["classic"], runs["ours"]) | report.shared_rows(shared, sweeps[1])
             | report.pruning_rows(searches) | report.gpu_row(bare) | report.augment_rows(augments))
+
+
+def soak(bench: Bench) -> tuple[list[str], object]:
+    """``make soak`` at its default size (``--quick``: 6 trials, 2 workers, one fault of each kind),
+    in a directory of the bench's own, on the bench's data; its violations and figures."""
+    from mnist_sweep import soak as soak_
+
+    say("soak (3 workers, faults injected)")
+    plan = soak_.Plan(trials=6, workers=2, rounds=1, first=5, every=5) if bench.quick else soak_.Plan()
+    data = [o for o in bench.user if o.startswith("data.")]
+    parent = Path(tempfile.mkdtemp(prefix="mnist_sweep-bench-soak-"))  # as own_stack's: postgres enters it
+    parent.chmod(0o711)
+    try:
+        return soak_.soak(parent / "soak", plan, data, say=say)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def search_targets(bench: Bench) -> report.Rows:

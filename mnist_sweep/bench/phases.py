@@ -34,6 +34,7 @@ PHASES = {
                   "mnist_sweep.tracking.log_datasets"),
     "per-epoch records": ("mnist_sweep.tracking.log_epoch",),  # a run outside a study logs no checks
     "model logging": ("mnist_sweep.tracking.log_outputs",),
+    "model costs": ("mnist_sweep.costs.measure", "mnist_sweep.tracking.log_costs"),  # cProfile slows its passes
     "run end": ("mlflow.end_run",),
 }
 # The profiled overhead, which the phases share: all but the training loop (less the records it makes)

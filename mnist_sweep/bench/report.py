@@ -35,6 +35,7 @@ SEARCHES = {
     "hydra/sweeper=long data.val_size=5000, champion on test": (["hydra/sweeper=long", "data.val_size=5000"], 0.996),
 }
 TARGET_ROWS = ("classic recipe: time to 99.0%", "mnist_sweep: time to 99.0%", "time to 99.0%, mnist_sweep / classic")
+COST_ROWS = ("model costs: latency_ms, default model", "model costs: measuring them, per run")
 OVERHEAD_ROWS = (  # what ``--overhead`` measures
     "import torch alone",
     "python -m mnist_sweep --help",
@@ -44,6 +45,7 @@ OVERHEAD_ROWS = (  # what ``--overhead`` measures
     "framework overhead, per run",
     "framework overhead, first run on a fresh store",
     *(f"overhead phase: {name}" for name in PHASES),
+    *COST_ROWS,
     "sweep: overhead per trial",
     SWEEPS[1],
 )
@@ -59,6 +61,30 @@ ROWS = (  # every row of a full run, in order
     *(f"augment={name}: one epoch" for name in AUGMENTS),
 )
 SEARCH_ROWS = tuple(f"search target: {name}" for name in SEARCHES)  # what ``--search`` measures
+SOAK_ROWS = ("soak: faults injected and survived", "soak: trials lost", "soak: trials/min under faults",
+             "soak: invariants")  # what ``--soak`` measures
+# The product's calls ``--growth`` times at each size of the study, by their names in bench.growth
+GROWTH_CALLS = {
+    "join": "a job joins its trial (trial.join)",
+    "first report": "a job's first report (report + should_prune)",
+    "report": "a job's later reports, each",
+    "heartbeat": "a running trial's heartbeat",
+    "leads": "a job asks whether it leads (JobTrial.leads)",
+    "complete": "a job tells its result",
+    "fail_stale_trials": "sweeper: fail_stale_trials",
+    "fail_abandoned": "sweeper: fail_abandoned",
+    "room": "sweeper: room",
+    "ask": "sweeper: ask (TPE, multivariate)",
+    "record_returns": "sweeper: record_returns",
+}
+TRIAL_MINUTES = (1, 10)  # trial lengths the capacity rows are worked out for
+GROWTH_ROWS = (  # what ``--growth`` measures
+    *(f"study growth: {label}" for label in GROWTH_CALLS.values()),
+    "study growth: database per trial",
+    "study growth: workers one PostgreSQL carries",
+    "tracking server: one trial",
+    "tracking server: workers it carries",
+)
 NOT_MEASURED: Row = ("not measured", "", "")
 
 
@@ -145,6 +171,28 @@ def phase_rows(profiles: Mapping[str, dict], overhead: Mapping[str, float]) -> R
     return rows
 
 
+def cost_rows(measured: Mapping) -> Rows:
+    """The latency a run logs, measured again and again on the default model: its spread between
+    measurements and within one (its passes' IQR), and what a measurement costs the run."""
+    runs = measured["runs"]
+    latency = [r["latency_ms"] for r in runs]
+    seconds = [r["seconds"] for r in runs]
+    median = statistics.median(latency)
+    return {
+        COST_ROWS[0]: (f"{median:.3f} ms", "",
+                       f"median of {len(runs)} measurements in a row: {min(latency):.3f}-{max(latency):.3f} ms, a "
+                       f"spread of {100 * (max(latency) - min(latency)) / median:.0f}% of the median; each the median "
+                       f"of up to {measured['passes']} passes at batch 1 on one CPU thread after {measured['warmup']} "
+                       f"warm-up passes (within {measured['budget_s']:g} s), their IQR (latency_ms_iqr) "
+                       f"{statistics.median(r['latency_ms_iqr'] for r in runs):.3f} ms"),
+        COST_ROWS[1]: (f"{statistics.median(seconds):.3f} s",
+                       target_text("<= 0.1 s", statistics.median(seconds), 0.1),
+                       f"costs.measure: a CPU copy, the timed passes, the weights file written and sized; "
+                       f"{min(seconds):.3f}-{max(seconds):.3f} s; param_count {runs[0]['param_count']:,}, "
+                       f"model_bytes {runs[0]['model_bytes']:,}"),
+    }
+
+
 def trial_row(trials: list[dict]) -> Row:
     if not trials:
         return "n/a", "<= 0.3 s", "needs a sweep of 3 trials or more"
@@ -197,6 +245,54 @@ def shared_rows(shared: tuple[dict, dict] | str, embedded: dict) -> Rows:
     }
 
 
+def growth_call_text(sizes: Mapping[int, dict], name: str) -> Row:
+    """One call at each size: its median time; the target (at the largest size): ~100 ms at most, and
+    growing no faster than the study."""
+    calls = {n: sizes[n]["calls"][name] for n in sizes}
+    (small, first), (large, last) = list(calls.items())[-2:] if len(calls) > 1 else [next(iter(calls.items()))] * 2
+    linear = last["s"] <= first["s"] * max(1, large / small)
+    met = "met" if last["s"] <= 0.1 and linear else "not met"
+    return ("; ".join(f"{n:,}: {1000 * c['s']:.1f} ms" for n, c in calls.items()),
+            f"<= 100 ms at {large:,} trials, no worse than linear: {met}",
+            "SQL statements " + " / ".join(f"{c['statements']:.0f}" for c in calls.values())
+            + ", their time " + " / ".join(f"{1000 * c['sql_s']:.1f}" for c in calls.values()) + " ms")
+
+
+def growth_rows(measured: dict | str) -> Rows:
+    """Each call at each size; at the largest size, what one trial costs the database and the
+    tracking server, and how many workers each carries for trials of ``TRIAL_MINUTES``;
+    ``measured``: a one-line reason where it could not run."""
+    if isinstance(measured, str):
+        return dict.fromkeys(GROWTH_ROWS, ("n/a", "", measured))
+    from mnist_sweep.bench.growth import per_trial
+
+    sizes, server = measured["study"], measured["tracking"]
+    rows = {f"study growth: {label}": growth_call_text(sizes, name) for name, label in GROWTH_CALLS.items()}
+    n, largest = max(sizes.items())
+    calls, reports, cpu, beat_s = largest["calls"], largest["reports"], largest["db_cpu_s"], largest["heartbeat_s"]
+    statements = per_trial(calls, reports, "statements")
+    # per trial: its calls, then 2 heartbeats (its job's, its sweeper's) every heartbeat interval of its length
+    beats = {minutes: 2 * 60 * minutes / beat_s for minutes in TRIAL_MINUTES}
+    carried = {minutes: 60 * minutes / (cpu + beats[minutes] * cpu / statements) for minutes in TRIAL_MINUTES}
+    rows["study growth: database per trial"] = (
+        f"{statements:.0f} statements, {1000 * cpu:.0f} ms PostgreSQL CPU", "",
+        f"a {reports}-report trial's job and sweeper calls at {n:,} trials, SQL time seen by the client "
+        f"{1000 * per_trial(calls, reports, 'sql_s'):.0f} ms; plus 2 heartbeats per {beat_s} s of its length, "
+        f"{1000 * calls['heartbeat']['sql_s']:.1f} ms each")
+    rows["study growth: workers one PostgreSQL carries"] = (
+        ", ".join(f"{carried[m]:,.0f} for {m}-min trials" for m in TRIAL_MINUTES), "",
+        f"per server core: trial length / its PostgreSQL CPU (heartbeats included), at {n:,} trials")
+    server_cpu = server["server_cpu_s"] + server["db_cpu_s"]
+    rows["tracking server: one trial"] = (
+        f"{server['requests']:.0f} requests, {server_cpu:.2f} s server CPU", "",
+        f"a run's records (as 'tracking one trial: MLflow server'): the server {server['server_cpu_s']:.2f} s, "
+        f"its PostgreSQL {server['db_cpu_s']:.2f} s; {server['s']:.2f} s for the client")
+    rows["tracking server: workers it carries"] = (
+        ", ".join(f"{60 * m / server_cpu:,.0f} for {m}-min trials" for m in TRIAL_MINUTES), "",
+        "per server core: trial length / the server's and its database's CPU for one trial's records")
+    return rows
+
+
 def search_text(run: dict) -> Row:
     best = "n/a" if run["best"] is None else f"{100 * run['best']:.2f}%"
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run["best_params"].items())
@@ -244,6 +340,24 @@ def augment_rows(augments: Mapping[str, dict]) -> Rows:
         f"{run['augment_s']:.2f} s of warps", "",
         f"{run['augment_s'] / run['epoch_s']:.0%} of its {run['epoch_s']:.1f} s epoch (train.fit, default config); "
         f"test acc after it {100 * run['acc']:.2f}%") for name, run in augments.items()}
+
+
+def soak_rows(violations: list[str], figures) -> Rows:
+    """The soak's figures (``mnist_sweep.soak.Figures``) and whether its invariants held."""
+    states = figures.states
+    return {
+        "soak: faults injected and survived": (
+            f"{figures.faults_survived} of {figures.faults_injected} survived", f"all {figures.faults_planned}",
+            f"kill -9 a worker, the tracking server stopped, PostgreSQL restarted, in turn; "
+            f"{figures.restarts} worker restarts"),
+        "soak: trials lost": (str(figures.trials_lost), "0: " + ("met" if figures.trials_lost == 0 else "not met"),
+                              f"of {figures.failed} trials failed by a fault; {figures.started} started: "
+                              f"{states.get('COMPLETE', 0)} complete, {states.get('PRUNED', 0)} pruned"),
+        "soak: trials/min under faults": (f"{figures.trials_per_min:.1f} trials/min", "",
+                                          f"tiny 1-epoch trials, {figures.minutes:.1f} min in all"),
+        "soak: invariants": ("all hold" if not violations else f"{len(violations)} violated", "all hold",
+                             "; ".join(violations[:3])),
+    }
 
 
 def machine_record() -> dict[str, str]:

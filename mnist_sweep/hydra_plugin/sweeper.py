@@ -272,8 +272,8 @@ def record_returns(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
                    returns: Sequence[JobReturn], max_failure_rate: float) -> None:
     """Tell each trial its job's result unless the job already did (the usual case: only the job
     knows whether it was pruned); a job that crashed, was ended by its scheduler, lost a store or
-    returned no finite value fails its trial (the second and third re-queued). Past ``max_failure_rate`` of the batch, re-raise the first
-    failed job's own exception."""
+    returned no finite value fails its trial (the second and third re-queued). Past
+    ``max_failure_rate`` of the batch, re-raise the first failed job's own exception."""
     failures = 0
     for trial, ret in zip(trials, returns):
         if storage.get_trial(trial_id(trial)).state != TrialState.RUNNING:
