@@ -349,3 +349,27 @@ def test_quick_search_benchmark_runs_each_target_search(overrides, tmp_path):
         assert re.match(r"\d+\.\d\d% ", result) and target.startswith(">= "), (label, result)
         assert detail.startswith("2 trials, ") and "augment=" in detail, (label, detail)  # its best trial's config
     assert "(chosen on val_acc " in rows[report.SEARCH_ROWS[-1]][0]  # the test accuracy of its val choice
+
+
+def test_the_shipping_rows_judge_the_deadline_and_the_cheapest_model_at_each_floor():
+    def search(seconds, budget, best=0.99, stopped=1):
+        return {"seconds": seconds, "budget": budget, "best": best, "best_params": {}, "trials": 9, "pruned": 3,
+                "stopped": stopped, "completed": 6}
+
+    runs = {"deadline-300": search(355, 300), "deadline-600": search(671, 600), "soft-600": search(1478, 600),
+            "pareto-param_count": {"points": [(0.995, 9000), (0.991, 2500), (0.98, 900)], "completed": 3,
+                                   "seconds": 1210},
+            "pareto-latency_ms": {"points": [(0.996, 0.3), (0.99, 0.1)], "completed": 2, "seconds": 1215},
+            "default": {"model": "[16, 32, 64]", "param_count": 29178, "latency_ms": 0.4}}
+    rows = report.shipping_rows(runs)
+    assert set(rows) == set(report.SHIPPING_ROWS)
+    assert rows["deadline search, timeout=300 s"][:2] == ("355 s, best 99.00%", "<= 360 s: met")
+    assert rows["deadline search, timeout=600 s"][1] == "<= 660 s: not met"
+    assert "+878 s past it" in rows["soft budget (finish_running), timeout=600 s"][2]
+    params = rows["Pareto search by param_count, 20 min"]
+    assert params[0] == ">= 99.0%: 2,500 params (0.09x default); >= 99.5%: 9,000 params (0.31x default)"
+    assert params[1].endswith("at >= 99.0%: met")  # 2,500 of the default's 29,178
+    latency = rows["Pareto search by latency_ms, 20 min"]
+    assert latency[1] == "below the default's latency_ms at >= 99.5%: met"  # 0.3 ms against 0.4
+    runs["pareto-latency_ms"]["points"] = [(0.99, 0.1)]
+    assert report.shipping_rows(runs)["Pareto search by latency_ms, 20 min"][1].endswith(": n/a")  # none at 99.5%

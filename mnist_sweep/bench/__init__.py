@@ -84,6 +84,14 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
     ``--quick``, 2 workers, 6 trials, one fault of each kind): faults injected and survived, trials
     lost (target 0), trials/min under faults, and whether every invariant held. Only when asked: a
     full bench would grow by up to 20 minutes, and the soak's trials/min measures resilience, not speed.
+11. ``--shipping`` runs only the model a user would ship, spawn to exit on the real data: the
+    default search with a deadline (``hydra.sweeper.timeout``) of 300 and 600 s, its wall time
+    against the budget (target <= T + 60 s) and its best trial (the product's choice: completed, or
+    stopped by the deadline); the 600 s budget again with ``finish_running=true`` (the soft budget);
+    then a 20-minute ``hydra/sweeper=pareto`` search per ``sweep.cost``: the cheapest completed model
+    at >= 99.0% and >= 99.5%, against the default model's parameters and CPU latency (``costs``).
+    Targets: >= 99.0% with <= 1/10 of the default's parameters; >= 99.5% below its latency.
+    (``--quick``: budgets of 20 and 30 s on the tiny data.)
 
 Bench runs go to the experiment ``bench`` in a store of their own, ``<out>/mlflow.db``: a sweep
 registers its best model, and a benchmark must not move the project's @champion. docs/benchmark.md

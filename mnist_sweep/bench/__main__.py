@@ -24,6 +24,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak", action="store_true",
                         help="only the soak (make soak): 3 workers, 60 tiny trials, faults injected; its figures "
                              "(up to 20 minutes; with --quick a short schedule)")
+    parser.add_argument("--shipping", action="store_true",
+                        help="only the model a user would ship: the default search against a deadline of 300 and "
+                             "600 s and the soft budget, then a 20-minute Pareto search per cost (about 65 minutes)")
     parser.add_argument("--repeats", type=int, default=3, help="times each recipe runs (alternating); default 3")
     parser.add_argument("--out", type=Path, help="where the table and the bench store go (default outputs/bench)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after `--` (e.g. data.root=DIR)")
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         labels, rows = report.SEARCH_ROWS, measure.search_targets(bench)
     elif args.soak:
         labels, rows = report.SOAK_ROWS, report.soak_rows(*measure.soak(bench))
+    elif args.shipping:
+        labels, rows = report.SHIPPING_ROWS, report.shipping_rows(measure.shipping(bench))
     elif args.growth:
         labels, rows = report.GROWTH_ROWS, report.growth_rows(measure.study_growth(bench))
     else:

@@ -31,6 +31,9 @@ SWEEP_PINS = ("model=shallow", "model.channels=16", "epochs=1", "augment=none")
 # How the embedded stores' sweep runs its trials, by workers: one at a time, or joblib's processes
 LAUNCHERS = {1: (), 2: ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")}
 COST_MEASUREMENTS = 20  # latency measurements of one model in a row: their spread is the metric's noise
+DEADLINES = (300, 600)  # s: the deadline searches' hydra.sweeper.timeout (target: over within T + 60 s)
+PARETO_S = 1200  # s: each Pareto search's budget, one per cost
+ENOUGH_TRIALS = "hydra.sweeper.n_trials=100000"  # a search the budget ends, not its trial count
 PRUNE_TRIALS = 10  # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2   # a trial's length: pruning can save most of it
 
@@ -248,3 +251,31 @@ def search_targets(bench: Bench) -> report.Rows:
         on_val = any(a.startswith("data.val_size=") for a in search)
         rows[f"search target: {name}"] = report.search_target_text(run, target, on_val)
     return rows
+
+
+def shipping(bench: Bench) -> dict:
+    """The model a user would ship: the default search against a deadline of each of ``DEADLINES``
+    and, for the longest, with today's soft budget (``finish_running=true``); then a Pareto search
+    of ``PARETO_S`` per cost (``sweep.cost``), beside the default model's own costs."""
+    from hydra.utils import instantiate
+
+    from mnist_sweep import costs
+    from mnist_sweep.config import COSTS
+
+    budgets, pareto_s = ((20,), 30) if bench.quick else (DEADLINES, PARETO_S)  # --quick: the tiny data
+    runs = {}
+    for budget, soft in [*((b, False) for b in budgets), (budgets[-1], True)]:
+        name = f"{'soft' if soft else 'deadline'}-{budget}"
+        say(f"the default search with a {'soft budget' if soft else 'deadline'} of {budget} s")
+        args = [f"hydra.sweeper.timeout={budget}", ENOUGH_TRIALS, *(["hydra.sweeper.finish_running=true"] * soft)]
+        runs[name] = time_sweep(f"bench-{bench.stamp}-{name}", args, bench.stores, bench.out,
+                                bench.user) | {"budget": budget}
+    for cost in COSTS:
+        say(f"a Pareto search of test_acc against {cost} for {pareto_s} s")
+        args = ["hydra/sweeper=pareto", f"sweep.cost={cost}", f"hydra.sweeper.timeout={pareto_s}", ENOUGH_TRIALS]
+        runs[f"pareto-{cost}"] = time_sweep(f"bench-{bench.stamp}-pareto-{cost}", args, bench.stores, bench.out,
+                                            bench.user) | {"budget": pareto_s}
+    default = instantiate(bench.cfg.model).eval()  # its costs do not depend on its training
+    runs["default"] = {"model": f"{bench.cfg.model.channels}", "param_count": costs.param_count(default),
+                       "latency_ms": costs.latency_ms(default, torch.full((1, 1, 28, 28), 128.0)).median_ms}
+    return runs

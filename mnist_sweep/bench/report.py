@@ -85,6 +85,10 @@ GROWTH_ROWS = (  # what ``--growth`` measures
     "tracking server: one trial",
     "tracking server: workers it carries",
 )
+# What ``--shipping`` measures: the deadline against its budget, then accuracy against each cost
+SHIPPING_ROWS = (*(f"deadline search, timeout={t} s" for t in (300, 600)), "soft budget (finish_running), timeout=600 s",
+                 "Pareto search by param_count, 20 min", "Pareto search by latency_ms, 20 min")
+FLOORS = (0.99, 0.995)  # the accuracies a shipped model must reach: the cheapest at each is reported
 NOT_MEASURED: Row = ("not measured", "", "")
 
 
@@ -404,3 +408,43 @@ def write(table_text: str, quick: bool, out: Path, stamp: str) -> None:
     (out / f"bench-{stamp}.md").write_text(table_text)
     (out / "latest.md").write_text(table_text)
     print(f"bench: wrote {out / f'bench-{stamp}.md'} and latest.md", file=sys.stderr)
+
+
+def shipping_rows(runs: Mapping[str, dict]) -> Rows:
+    """The deadline searches against their budgets (the soft budget beside them), and each Pareto
+    search's cheapest models at the ``FLOORS`` against the default model's cost. Rows are named for
+    the full schedule; ``--quick`` fills them with its short one."""
+    rows, soft = {}, max((r for n, r in runs.items() if n.startswith("soft")), key=lambda r: r["budget"])
+    deadlines = sorted((r for n, r in runs.items() if n.startswith("deadline")), key=lambda r: r["budget"])
+    for label, run in zip(SHIPPING_ROWS, deadlines):
+        limit = run["budget"] + 60
+        rows[label] = (search_text(run)[0], target_text(f"<= {limit} s", run["seconds"], limit),
+                       f"{run['trials']} trials: {run['stopped']} stopped at the deadline, "
+                       f"{run['pruned'] - run['stopped']} pruned")
+    rows[SHIPPING_ROWS[2]] = (search_text(soft)[0], "",
+                              f"its budget {soft['budget']} s: {soft['seconds'] - soft['budget']:+.0f} s past it; "
+                              f"{soft['trials']} trials")
+    default = runs["default"]
+    for label, cost, goal in ((SHIPPING_ROWS[3], "param_count", 0.1), (SHIPPING_ROWS[4], "latency_ms", 1.0)):
+        rows[label] = pareto_text(runs[f"pareto-{cost}"], cost, default[cost], goal, default["model"])
+    return rows
+
+
+def pareto_text(run: dict, cost: str, default: float, goal: float, model: str) -> Row:
+    """The cheapest model at each floor, as a share of the default model's cost; the target: at
+    ``FLOORS[0]`` for ``param_count`` (<= 1/10), at ``FLOORS[1]`` for latency (below the default's)."""
+    def cheapest(floor: float) -> float | None:
+        return min((c for acc, c in run["points"] if acc >= floor), default=None)
+
+    found = {floor: cheapest(floor) for floor in FLOORS}
+    shown_as = "{:,.0f} params" if cost == "param_count" else "{:.3g} ms"
+    result = "; ".join(f">= {100 * f:.1f}%: " + ("none" if c is None else
+                                                 f"{shown_as.format(c)} ({c / default:.2f}x default)")
+                       for f, c in found.items())
+    floor = FLOORS[0] if cost == "param_count" else FLOORS[1]
+    shown = found[floor] / default if found[floor] is not None else None
+    target = (f"<= 1/10 of the default's {cost} at >= {100 * floor:.1f}%" if goal < 1
+              else f"below the default's {cost} at >= {100 * floor:.1f}%")
+    met = "n/a" if shown is None else "met" if shown <= goal and (goal < 1 or shown < 1) else "not met"
+    return (result, f"{target}: {met}", f"default model ({model}): {shown_as.format(default)}; "
+            f"{run['completed']} completed trials in {run['seconds'] / 60:.1f} min")

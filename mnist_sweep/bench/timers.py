@@ -148,19 +148,23 @@ def study_result(study: str, stores: Stores) -> dict:
     import optuna
     from mlflow import MlflowClient
 
-    from mnist_sweep.trial import RUN_ID_ATTR
+    from mnist_sweep.trial import DEADLINE_ATTR, RUN_ID_ATTR, best_finished
 
     if "PGPASSFILE" in stores.env:
         os.environ["PGPASSFILE"] = stores.env["PGPASSFILE"]  # how libpq finds the password, here too
-    trials = optuna.load_study(study_name=study, storage=stores.optuna_storage).get_trials(deepcopy=False)
+    loaded = optuna.load_study(study_name=study, storage=stores.optuna_storage)
+    trials = loaded.get_trials(deepcopy=False)
     # a crashed trial is recorded and the sweep goes on: only completed trials count
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = max(complete, key=lambda t: t.value, default=None)
+    counts = {"trials": len(trials), "completed": len(complete),
+              "stopped": sum(DEADLINE_ATTR in t.user_attrs for t in trials)}  # by the deadline
+    if len(loaded.directions) > 1:  # a Pareto search: every completed trial's (accuracy, cost)
+        return counts | {"points": [tuple(t.values) for t in complete]}
+    best = best_finished(loaded)  # the product's choice: completed, or stopped by the deadline
     # with a validation split the value is val_acc; the test accuracy is the best run's report
     best_test = best and MlflowClient(stores.tracking_uri).get_run(best.user_attrs[RUN_ID_ATTR]).data.metrics.get(
         "test_acc")
-    return {"trials": len(trials), "completed": len(complete),
-            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+    return counts | {"pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
             "best": best.value if best else None, "best_test": best_test, "best_params": best.params if best else {}}
 
 
