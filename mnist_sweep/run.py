@@ -47,33 +47,14 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     model, optimizer, scheduler, augment = build(cfg, device, len(splits.train))
     record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it
-    stopped = {trial.DeadlineReached: tracking.DEADLINE_TAG, optuna.TrialPruned: tracking.PRUNED_TAG}
     with job:  # heartbeats; a crash fails the trial
         try:
             description = tracking.describe_run(cfg, hydra_cfg, threads, job)
-            with tracking.run(**description, stopped=stopped) as active:
+            with tracking.run(**description, stopped=STOPPED) as active:
                 job.attach_run(active.info.run_id)
                 record(tracking.log_datasets, splits.datasets)
-                on_epoch, on_check = report_to(record, job)
-                deadline = None
-                try:
-                    metrics = train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs,
-                                        cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch,
-                                        checks_per_epoch=job.checks, check_set=splits.check, on_check=on_check,
-                                        val_set=splits.val, augment=augment, on_step=job.check_deadline)
-                except trial.DeadlineReached as reached:  # scored as it stands, and exported below if it leads
-                    deadline, metrics = reached, train.scores(model, splits.test, splits.val, cfg.data.eval_batch_size)
-                    record(tracking.log_epoch, math.ceil(reached.done), metrics)
-                measured = costs.measure(model, splits.test.images[:1])  # param_count, latency_ms, model_bytes
-                cost, floor = measured[cfg.sweep.cost], cfg.sweep.min_accuracy  # a Pareto search's second objective
-                export = cfg.mlflow.log_models == "all" or job.leads(metrics[objective], cost, floor)  # config.yaml
-                name = tracking.model_name(hydra_cfg.runtime.choices.model, model.widths, job.study_name, job.number)
-                hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
-                model_id = record(tracking.log_outputs, model, hydra_dir, splits.test.images[:2],
-                                  cfg.mlflow.model_format if export else None, name)
-                record(tracking.log_costs, measured, model_id)  # with a model, linked to it, with its scores
-                if job.pareto:
-                    record(tracking.log_feasibility, metrics[objective], objective, floor)
+                metrics, deadline = train_until_done(cfg, job, record, model, optimizer, scheduler, augment, splits)
+                cost = log_results(cfg, hydra_cfg, job, record, model, splits.test, metrics[objective], objective)
                 if deadline is not None:
                     raise deadline  # the run ends KILLED with its `deadline` tag, its metrics and model kept
         except train.Diverged as err:
@@ -85,7 +66,47 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
         except optuna.TrialPruned as err:
             log.info("%s", err)
             return job.prune()
-    return finish(job, metrics[objective], cost, floor, objective, record.lost)
+    return finish(job, metrics[objective], cost, cfg.sweep.min_accuracy, objective, record.lost)
+
+
+# How a run that stops early ends: its status KILLED, with this tag saying why (a subclass first)
+STOPPED = {trial.DeadlineReached: tracking.DEADLINE_TAG, optuna.TrialPruned: tracking.PRUNED_TAG}
+
+
+def train_until_done(cfg: DictConfig, job: trial.JobTrial | trial.NoTrial, record: tracking.Recorder,
+                     model: torch.nn.Module, optimizer, scheduler, augment, splits: Splits,
+                     ) -> tuple[dict[str, float], trial.DeadlineReached | None]:
+    """Train to the end, reporting to MLflow and the trial (whose pruner may stop it); returns the
+    last metrics. Stopped by the sweep's deadline, the model is scored as it stands and the
+    :class:`trial.DeadlineReached` is returned too, for the run to end once its results are logged."""
+    on_epoch, on_check = report_to(record, job)
+    try:
+        return train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs, cfg.data.batch_size,
+                         cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch, checks_per_epoch=job.checks,
+                         check_set=splits.check, on_check=on_check, val_set=splits.val, augment=augment,
+                         on_step=job.check_deadline), None
+    except trial.DeadlineReached as reached:
+        metrics = train.scores(model, splits.test, splits.val, cfg.data.eval_batch_size)
+        record(tracking.log_epoch, math.ceil(reached.done), metrics)
+        return metrics, reached
+
+
+def log_results(cfg: DictConfig, hydra_cfg: DictConfig, job: trial.JobTrial | trial.NoTrial,
+                record: tracking.Recorder, model: torch.nn.Module, test: tensors.Split, value: float,
+                objective: str) -> float:
+    """The run's costs, config files, weights and (if it may be the study's best, or
+    ``mlflow.log_models=all``) its named model; returns its ``sweep.cost``."""
+    measured = costs.measure(model, test.images[:1])  # param_count, latency_ms, model_bytes
+    cost, floor = measured[cfg.sweep.cost], cfg.sweep.min_accuracy  # a Pareto search's second objective, floor
+    export = cfg.mlflow.log_models == "all" or job.leads(value, cost, floor)  # conf/config.yaml
+    name = tracking.model_name(hydra_cfg.runtime.choices.model, model.widths, job.study_name, job.number)
+    hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+    model_id = record(tracking.log_outputs, model, hydra_dir, test.images[:2],
+                      cfg.mlflow.model_format if export else None, name)
+    record(tracking.log_costs, measured, model_id)  # with a model, linked to it, with its scores
+    if job.pareto:
+        record(tracking.log_feasibility, value, objective, floor)
+    return cost
 
 
 def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.JobTrial | trial.NoTrial:
