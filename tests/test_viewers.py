@@ -172,7 +172,8 @@ def test_make_ui_is_one_server_process_without_a_job_runner_serving_the_models(l
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
             models = json.load(response)["models"]
-        assert [model["info"]["name"] for model in models] == ["shallow-4-8"]
+        # (the fixture's store is shared: another test may have logged a model of its own there)
+        assert "shallow-4-8" in [model["info"]["name"] for model in models]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
