@@ -25,6 +25,16 @@ from mnist_sweep.stack import free_port
 from mnist_sweep.config import PROJECT_ROOT
 
 
+def stop(server: subprocess.Popen) -> None:
+    """End a server started in a session of its own, and all it started."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 def test_the_ui_links_open_the_configured_experiments_runs_and_models(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
@@ -123,12 +133,7 @@ def test_make_serve_answers_raw_pixels_over_rest_with_the_champion(logged_model,
         with urllib.request.urlopen(request, timeout=60) as response:
             served = np.array(json.load(response)["predictions"])
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)
     with torch.inference_mode():
         want = logged_model.model(torch.from_numpy(images).float().unsqueeze(1)).numpy()
     assert served.shape == (5, 10)
@@ -175,10 +180,5 @@ def test_make_ui_is_one_server_process_without_a_job_runner_serving_the_models(l
         # (the fixture's store is shared: another test may have logged a model of its own there)
         assert "shallow-4-8" in [model["info"]["name"] for model in models]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)
     assert "its models, side by side with their scores and costs: " in log.read_text()  # make ui's second link
