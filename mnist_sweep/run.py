@@ -59,7 +59,8 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
                     raise deadline  # the run ends KILLED with its `deadline` tag, its metrics and model kept
         except train.Diverged as err:
             log.error("run diverged: %s (returning %s 0.0)", err, objective)
-            return job.complete(0.0, costs.param_count(model), cfg.sweep.min_accuracy)  # finite: NaN crashes the sweeper
+            cost = costs.measure(model, splits.test.images[:1])[cfg.sweep.cost]  # what a Pareto search weighs
+            return job.complete(0.0, cost, cfg.sweep.min_accuracy)  # a finite worst score: NaN crashes the sweeper
         except trial.DeadlineReached as reached:
             log.info("%s (%s %.4f)", reached, objective, metrics[objective])
             return job.stopped_at_deadline(reached.done, metrics[objective])
