@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
-import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial

@@ -106,7 +106,7 @@ def test_logged_models_are_named_carry_their_scores_costs_and_params_and_sort_by
     image = torch.full((1, 1, 28, 28), 128.0)
     for trial, widths, acc in ((1, [4], 0.9), (2, [8, 16], 0.95)):
         model = ConvNet(widths)
-        with tracking.run(f"trial-{trial}", {"model.channels": str(widths)}, {}) as active:
+        with tracking.run(f"trial-{trial}", {"model.channels": str(widths)}, {}):
             tracking.log_epoch(1, {"test_acc": acc - 0.1, "test_loss": 0.5})
             tracking.log_epoch(2, {"test_acc": acc, "test_loss": 0.3})
             tracking.log_check(2, 0.1)  # a check's step counts checks: not the last epoch's score
