@@ -2,6 +2,9 @@
 .DEFAULT_GOAL := help
 PY    := .venv/bin/python
 STAMP := .venv/.installed
+# Some machines set PYTHONDONTWRITEBYTECODE=1: then every process compiles each module it imports,
+# every time (a default run ~1.7x as long). What make starts writes bytecode into the venv instead.
+unexport PYTHONDONTWRITEBYTECODE
 MODEL ?= models:/mnist-cnn@champion
 PORT  ?= 5001
 
@@ -15,6 +18,8 @@ $(STAMP): pyproject.toml
 	@# Second step: the sweeper's metadata still pins optuna<3 (whose sqlite storage breaks
 	@# under SQLAlchemy 2); it runs fine on the optuna 4/5 installed above.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps 'hydra-optuna-sweeper==1.3.0'
+	@# Compile what a run imports once, here: later processes load it, even under PYTHONDONTWRITEBYTECODE
+	$(PY) -m mnist_sweep --help > /dev/null
 	touch $@
 
 install: $(STAMP)  ## create .venv with the project and its dependencies

@@ -3,12 +3,15 @@ run's state (MLflow store, Optuna study, Hydra dirs) inside the test's temporary
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,8 +72,11 @@ def tiny_mnist(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture
 def overrides(tiny_mnist, tmp_path) -> list[str]:
-    """Hydra overrides for a fast run on the tiny data, all state under ``tmp_path``."""
+    """Hydra overrides for a fast run on the tiny data, all state under ``tmp_path``, whose MLflow
+    store starts as a copy of the session's empty one (a new store's schema takes seconds to make)."""
     root, md5 = tiny_mnist
+    (tmp_path / "outputs").mkdir(exist_ok=True)
+    shutil.copy(shared("mlflow_schema"), tmp_path / "outputs" / "mlflow.db")
     return [
         f"data.root={root}",
         *(f"data.md5.{name}={digest}" for name, digest in md5.items()),
@@ -86,6 +92,12 @@ def overrides(tiny_mnist, tmp_path) -> list[str]:
 def store(tmp_path) -> MlflowClient:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     return MlflowClient()
+
+
+def runs_in(outputs: Path) -> list:
+    """Every run in the MLflow store under ``outputs`` (the ``overrides`` fixture's starts empty)."""
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def only_run(client: MlflowClient):
@@ -151,53 +163,152 @@ def store_without_champion(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(tracking_uri=tracking_uri, latest_run_id=active.info.run_id)
 
 
+# ----------------------------------------------------------------- what the whole session shares
+# One PostgreSQL + MLflow server, one Slurm cluster and one empty MLflow schema for the whole run,
+# whichever xdist worker asks first: it starts them (the others wait on a file lock, then join what
+# it started), in the background from collection on, so the first in-process tests run meanwhile.
+# The process that started pytest stops them at the end. Their folders sit outside pytest's
+# tmp_path: as root, PostgreSQL runs as the user postgres, who cannot enter /tmp/pytest-of-root.
+SHARED_ENV = "MNIST_SWEEP_TEST_SHARED"  # the run's folder of shared things, set before workers start
+
+
+def shared_root() -> Path:
+    return Path(os.environ[SHARED_ENV])
+
+
+def _start_stack(root: Path) -> stack.Stack:
+    return stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
+
+
+def _start_slurm(root: Path) -> slurm.Cluster:
+    return slurm.start(root, slurm.Ports(*(stack.free_port() for _ in slurm.Ports._fields)))
+
+
+def _make_mlflow_schema(root: Path) -> Path:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = root / "mlflow.db"
+    if not db.exists():
+        SqlAlchemyStore(f"sqlite:///{root / 'making.db'}", str(root / "artifacts"))
+        (root / "making.db").rename(db)  # whole, or not there
+    return db
+
+
+# fixture -> (what it shares, its start, the programs it needs, what CI runs the tests against)
+SHARED = {
+    "local_stack": ("stack", _start_stack, stack.postgres_bindir, "real servers"),
+    "slurm_cluster": ("slurm", _start_slurm, slurm.programs, "a real Slurm"),
+    "overrides": ("mlflow_schema", _make_mlflow_schema, lambda: None, ""),
+}
+_starts: dict[str, Future] = {}
+_pool = ThreadPoolExecutor(max_workers=len(SHARED), thread_name_prefix="shared-start")
+
+
+def _start_shared(name: str, start: Callable[[Path], object]) -> object:
+    root = shared_root() / name
+    with open(shared_root() / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker starts it; the next finds it running
+        root.mkdir(exist_ok=True)
+        root.chmod(0o711)  # postgres and munged pass through to their files; others may not list them
+        return start(root)
+
+
+def begin(fixture: str) -> Future:
+    name, start, _, _ = SHARED[fixture]
+    if name not in _starts:
+        _starts[name] = _pool.submit(_start_shared, name, start)
+    return _starts[name]
+
+
+def shared(name: str) -> object:
+    """The shared thing ``name`` (a key of SHARED's values), started if no test has asked yet."""
+    fixture = next(f for f, (n, *_) in SHARED.items() if n == name)
+    return begin(fixture).result()
+
+
+def pytest_configure(config) -> None:
+    if not hasattr(config, "workerinput"):  # the process that started pytest: before any worker starts
+        root = Path(tempfile.mkdtemp(prefix="mnist_sweep-tests-"))
+        root.chmod(0o711)
+        os.environ[SHARED_ENV] = str(root)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Start what the collected tests will need, in the background."""
+    wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
+    for fixture, (_, _, programs, _) in SHARED.items():
+        if fixture in wanted:
+            with contextlib.suppress(FileNotFoundError):  # missing programs: the test says so (require)
+                programs()
+                begin(fixture)
+
+
+def pytest_sessionfinish(session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return
+    root = shared_root()
+    if (root / "stack").exists():
+        stack.stop(root / "stack")
+    if (root / "slurm").exists():
+        slurm.stop(root / "slurm")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def unavailable(reason: str, what: str) -> None:
+    """Skip a test that cannot have ``what`` here; under CI (``CI`` set and not false), fail it:
+    CI runs the tests against ``what``, never without."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason} (CI runs the tests against {what})")
+    pytest.skip(reason)
+
+
 def require(find_programs: Callable[[], object], what: str) -> None:
-    """Skip a test whose programs ``find_programs`` does not find; under CI=true, fail it: CI runs
-    the tests against ``what``, never without."""
+    """A test needs the programs ``find_programs`` finds (else :func:`unavailable`)."""
     try:
         find_programs()
     except FileNotFoundError as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{err} (CI runs the tests against {what})")
-        pytest.skip(str(err))
+        unavailable(str(err), what)
 
 
-@pytest.fixture(scope="session")
+@contextlib.contextmanager
+def _stack_held(mode: int) -> Iterator[stack.Stack]:
+    _, _, programs, what = SHARED["local_stack"]
+    require(programs, what)
+    running = shared("stack")
+    with open(shared_root() / "stack.in-use", "a") as lock:
+        fcntl.flock(lock, mode)
+        yield running
+
+
+@pytest.fixture
 def local_stack() -> Iterator[stack.Stack]:
-    """A real PostgreSQL and ``mlflow server`` on free loopback ports, their data in a temporary
-    root, stopped at the end. Without PostgreSQL's programs: skipped, but failed under CI=true."""
-    require(stack.postgres_bindir, "real servers")
-    # Not under pytest's tmp_path: as root, PostgreSQL runs as the user postgres, who cannot enter
-    # /tmp/pytest-of-root (mode 700). 711: others may pass through to the data, not list or read.
-    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-stack-"))
-    root.chmod(0o711)
-    try:
-        yield stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
-    finally:
-        stack.stop(root)
-        shutil.rmtree(root)
+    """The session's real PostgreSQL and ``mlflow server`` on free loopback ports (each test its own
+    study, experiment or database names). Without PostgreSQL's programs: skipped, but failed under CI."""
+    with _stack_held(fcntl.LOCK_SH) as running:
+        yield running
+
+
+@pytest.fixture
+def stack_alone() -> Iterator[stack.Stack]:
+    """The session's stack, with no other test using it (for a test that stops it)."""
+    with _stack_held(fcntl.LOCK_EX) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[slurm.Cluster]:
-    """A real single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd) on free loopback
-    ports, its state in a temporary root, stopped at the end. Without Slurm's programs: skipped, but
-    failed under CI=true (.ci/run installs them)."""
-    require(slurm.programs, "a real Slurm")
-    root = Path(tempfile.mkdtemp(prefix="mnist_sweep-slurm-"))
-    root.chmod(0o711)  # munged wants its socket reachable by every user, through every folder above it
-    try:
-        yield slurm.start(root, slurm.Ports(*(stack.free_port() for _ in slurm.Ports._fields)))
-    finally:
-        slurm.stop(root)
-        shutil.rmtree(root)
+def slurm_cluster() -> slurm.Cluster:
+    """The session's real single-node Slurm (munged, MariaDB, slurmdbd, slurmctld, slurmd) on free
+    loopback ports. Without Slurm's programs: skipped, but failed under CI (.ci/run installs them)."""
+    _, _, programs, what = SHARED["slurm_cluster"]
+    require(programs, what)
+    return shared("slurm")
 
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Callable[..., Path]]:
     """``small_disk(size, read_only=False)``: a folder on a disk of its own (tmpfs) of ``size``
     (``mount``'s syntax: "8m"), to fill up or make read-only as a user's disk is, unmounted at the
-    end. Mounting needs root: skipped without it."""
+    end. Mounting needs root: skipped without it, failed under CI."""
     mounted = []
 
     def mount(size: str, read_only: bool = False) -> Path:
@@ -207,7 +318,7 @@ def small_disk(tmp_path) -> Iterator[Callable[..., Path]]:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
                               text=True)
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a small disk here: {done.stderr.strip()}")
+            unavailable(f"cannot mount a small disk here: {done.stderr.strip()}", "a disk that fills up")
         mounted.append(folder)
         return folder
 

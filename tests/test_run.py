@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from conftest import assert_one_line_error, only_run, run_cli, store
+from conftest import assert_one_line_error, only_run, run_cli, runs_in, store
 from mnist_sweep import data, tensors, tracking
 from mnist_sweep.config import CONF_DIR
 from mnist_sweep.run import main
@@ -167,7 +167,7 @@ def test_bad_input_is_one_line_before_any_data_loads_or_run_exists(overrides, tm
     with pytest.raises(SystemExit) as exit_:
         run_in_process([*overrides, override], tmp_path / "run")
     assert str(exit_.value).startswith(message) and "\n" not in str(exit_.value)
-    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    assert runs_in(tmp_path / "outputs") == []
 
 
 def test_a_validation_split_as_big_as_the_training_set_is_one_line(overrides, tmp_path):

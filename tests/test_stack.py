@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from conftest import run_cli
 from mnist_sweep.stack import ROLE, start, stop
 
-pytestmark = pytest.mark.slow  # starts real servers (~10 s), and again after a stop
+pytestmark = pytest.mark.slow  # the session's real servers, stopped and started again by one test
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -84,8 +84,10 @@ def refused(host: str, port: int) -> bool:
     return False
 
 
-def test_stop_stops_both_and_start_resumes_their_data(local_stack, monkeypatch):
-    """Last: it stops the session's servers, then starts them again on the same ports."""
+def test_stop_stops_both_and_start_resumes_their_data(stack_alone, monkeypatch):
+    """It stops the session's servers (while no other test uses them), then starts them again on
+    the same ports."""
+    local_stack = stack_alone
     monkeypatch.setenv("PGPASSFILE", str(local_stack.pgpass))
     name = f"stack-{uuid.uuid4().hex[:8]}"
     optuna.create_study(storage=local_stack.optuna_storage, study_name=name).optimize(objective, n_trials=1)
