@@ -50,6 +50,8 @@ class MlflowConfig:
     model_format: Optional[str] = "pt2"
     log_models: str = "best"
 
+    system_metrics: bool = MISSING
+    system_metrics_interval: float = MISSING
 
 @dataclass
 class SweepConfig:
@@ -181,6 +183,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 CROSS_RULES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("optim.momentum", lambda cfg: not (cfg.optim.get("nesterov") and not cfg.optim.momentum),
      "optim.nesterov=true needs optim.momentum > 0"),
+    ("mlflow.system_metrics_interval", lambda v: v > 0, "> 0 (seconds between samples)"),
     ("optuna.trial", lambda cfg: (cfg.optuna.study is None) == (cfg.optuna.trial is None),
      "optuna.study and optuna.trial are set together (the study sweeper sets both)"),
 ]

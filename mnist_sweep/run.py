@@ -41,6 +41,8 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
     device = train.pick_device(cfg.device)
     job = join_trial(cfg, hydra_cfg.sweeper, objective)
     tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
+    if cfg.mlflow.system_metrics:
+        tracking.watch_system(cfg.mlflow.system_metrics_interval)
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
     splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
                          cfg.data.split_seed, cfg.pruning.check_images)
@@ -50,8 +52,10 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
     with job:  # heartbeats; a crash fails the trial
         try:
             description = tracking.describe_run(cfg, hydra_cfg, threads, job)
-            with tracking.run(**description, stopped=STOPPED) as active:
+            with tracking.run(**description, stopped=STOPPED, system_metrics=cfg.mlflow.system_metrics) as active:
                 job.attach_run(active.info.run_id)
+                # the config files first: a run killed midway can still be run again
+                record(tracking.log_config, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
                 record(tracking.log_datasets, splits.datasets)
                 metrics, deadline = train_until_done(cfg, job, record, model, optimizer, scheduler, augment, splits)
                 cost = log_results(cfg, hydra_cfg, job, record, model, splits.test, metrics[objective], objective)
@@ -95,14 +99,13 @@ def train_until_done(cfg: DictConfig, job: trial.JobTrial | trial.NoTrial, recor
 def log_results(cfg: DictConfig, hydra_cfg: DictConfig, job: trial.JobTrial | trial.NoTrial,
                 record: tracking.Recorder, model: torch.nn.Module, test: tensors.Split, value: float,
                 objective: str) -> float:
-    """The run's costs, config files, weights and (if it may be the study's best, or
+    """The run's costs, weights and (if it may be the study's best, or
     ``mlflow.log_models=all``) its named model; returns its ``sweep.cost``."""
     measured = costs.measure(model, test.images[:1])  # param_count, latency_ms, model_bytes
     cost, floor = measured[cfg.sweep.cost], cfg.sweep.min_accuracy  # a Pareto search's second objective, floor
     export = cfg.mlflow.log_models == "all" or job.leads(value, cost, floor)  # conf/config.yaml
     name = tracking.model_name(hydra_cfg.runtime.choices.model, model.widths, job.study_name, job.number)
-    hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
-    model_id = record(tracking.log_outputs, model, hydra_dir, test.images[:2],
+    model_id = record(tracking.log_outputs, model, test.images[:2],
                       cfg.mlflow.model_format if export else None, name)
     record(tracking.log_costs, measured, model_id)  # with a model, linked to it, with its scores
     if job.pareto:

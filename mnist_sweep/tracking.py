@@ -53,6 +53,9 @@ LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
 # MLflow's sqlite store logs a database error with its traceback, then raises it: whoever catches
 # it reports it once, in one line (a full disk would otherwise print each traceback twice)
 logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: record.exc_info is None)
+# MLflow's system metrics monitor says at INFO that it starts, finds no GPU, stops and has stopped:
+# four lines a run that say nothing; its warnings (the store went away) still show
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def bound_http(retries: int, timeout: int) -> None:
@@ -104,14 +107,17 @@ def _create_experiment(name: str, artifact_root: str | None) -> mlflow.entities.
 
 @contextlib.contextmanager
 def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_run_id: str | None = None,
-        stopped: Mapping[type[BaseException], str] | None = None) -> Iterator[mlflow.ActiveRun]:
+        stopped: Mapping[type[BaseException], str] | None = None,
+        system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C, and
     KILLED on an exception of ``stopped`` (type → tag), with that tag saying why (the first type that
-    matches: a subclass before its base)."""
+    matches: a subclass before its base). ``system_metrics``: MLflow samples the machine into it
+    while it runs (:func:`watch_system`)."""
     stopped = dict(stopped or {})
     # a password typed into a store URI would otherwise land in a param or the overrides tag
     tags = {key: stores.redact(value) for key, value in tags.items()}
-    active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags)
+    active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags,
+                              log_system_metrics=system_metrics)
     status = RunStatus.FAILED
     try:
         mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v for key, v in params.items()})
@@ -155,6 +161,17 @@ class Recorder:
                 raise
             self.lost = f"{record.__name__}: {stores.one_line(err)}"
             log.error("MLflow stopped answering (%s): this run records nothing more; training goes on", self.lost)
+
+
+def watch_system(interval: float) -> None:
+    """Have MLflow sample this machine every ``interval`` seconds in the runs that ask
+    (``run(..., system_metrics=True)``): CPU %, memory, disk, network, NVIDIA GPUs (``system/…``).
+    Call it early: psutil's first CPU reading in a process is a meaningless 0.0 (a reading covers the
+    time since the last one), so one taken now makes the run's first sample cover the time since."""
+    import psutil  # only now: a run without system metrics does without it
+
+    mlflow.set_system_metrics_sampling_interval(interval)
+    psutil.cpu_percent()
 
 
 def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: Any) -> dict[str, Any]:
@@ -232,17 +249,25 @@ def log_check(step: int, accuracy: float) -> None:
     mlflow.log_metric("check_acc", accuracy, step=step)
 
 
-def log_outputs(model: nn.Module, hydra_dir: Path | None, example: torch.Tensor, model_format: str | None,
-                name: str) -> str | None:
-    """The run's config files, its weights as a plain state_dict, and the servable model named
-    ``name`` (``model_format`` "pt2" or "pickle"; None logs no model). Returns that model's id.
+def log_config(hydra_dir: Path) -> None:
+    """The config files Hydra wrote into ``hydra_dir`` before the task ran (config.yaml, overrides.yaml,
+    hydra.yaml; any password in a URI redacted) under the run's ``hydra/``, when it starts: a run
+    killed midway is recorded well enough to run again (:mod:`mnist_sweep.reproduce`). Nothing if
+    Hydra wrote none (a task called without Hydra's job)."""
+    if not hydra_dir.is_dir():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(redacted_copy(hydra_dir, Path(tmp) / "hydra")), "hydra")
+
+
+def log_outputs(model: nn.Module, example: torch.Tensor, model_format: str | None, name: str) -> str | None:
+    """The run's weights as a plain state_dict, and the servable model named ``name``
+    (``model_format`` "pt2" or "pickle"; None logs no model). Returns that model's id.
 
     ``example``: a few raw test images (N > 1, so the exported batch dimension stays dynamic).
     """
     model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        if hydra_dir is not None and hydra_dir.is_dir():
-            mlflow.log_artifacts(str(redacted_copy(hydra_dir, Path(tmp) / "hydra")), "hydra")
         mlflow.log_artifact(str(costs.save_weights(model, Path(tmp))), "weights")
     if model_format:
         return log_pytorch_model(model, example.cpu().numpy().astype(np.float32), model_format, name)

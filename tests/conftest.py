@@ -129,7 +129,7 @@ def logged_model(tiny_mnist, tmp_path_factory) -> SimpleNamespace:
     tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
     tracking.use_store(tracking_uri, "tiny", str(store / "mlartifacts"))
     with tracking.run("tiny-run", {}, {}) as active:
-        tracking.log_outputs(model, None, train_set.images[:2], "pt2", "shallow-4-8")
+        tracking.log_outputs(model, train_set.images[:2], "pt2", "shallow-4-8")
         mlflow.log_metric("test_acc", 0.5)  # what promote compares
     run = mlflow.get_run(active.info.run_id)
     registry.promote(MlflowClient(), run)
@@ -147,7 +147,7 @@ def weights_only_trial(tmp_path_factory) -> SimpleNamespace:
     params = {"mlflow.model_format": "pt2", "mlflow.log_models": "best", "model": "deep"}
     tags = {"trial": "3", "hydra.overrides": "optuna.study=mnist_sweep optuna.trial=3 model=deep optim.lr=0.05"}
     with tracking.run("deep-sgd-lr0.05-bs64", params, tags) as active:
-        tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), None, "deep-4")
+        tracking.log_outputs(ConvNet([4]), torch.zeros(2, 1, 28, 28), None, "deep-4")
     return SimpleNamespace(tracking_uri=tracking_uri, run_id=active.info.run_id)
 
 
@@ -159,7 +159,7 @@ def store_without_champion(tmp_path_factory) -> SimpleNamespace:
     tracking.use_store(tracking_uri, "mnist_sweep", str(store / "mlartifacts"))
     for name in ("older-run", "newer-run"):
         with tracking.run(name, {}, {}) as active:
-            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle", name)  # pickle: fast
+            tracking.log_outputs(ConvNet([4]), torch.zeros(2, 1, 28, 28), "pickle", name)  # pickle: fast
     return SimpleNamespace(tracking_uri=tracking_uri, latest_run_id=active.info.run_id)
 
 

@@ -55,15 +55,18 @@ def measurements() -> dict:
     costs = {"runs": [{"latency_ms": ms, "latency_ms_iqr": 0.02, "seconds": s, "param_count": 29178,
                        "model_bytes": 124789} for ms, s in ((1.0, 0.03), (1.2, 0.05), (0.8, 0.02))],
              "passes": 50, "warmup": 5, "budget_s": 0.1}
+    system_metrics = {"with_s": [8.1, 8.3, 8.0], "without_s": [8.0, 7.9, 8.2], "samples": [2, 1, 2],
+                      "interval_s": 5.0}
     return {"run": run, "sweep": sweep, "profile": profile, "bare": bare, "costs": costs,
-            "trial": {"span_s": 6.0, "fit_s": 5.8, "model": False}}
+            "trial": {"span_s": 6.0, "fit_s": 5.8, "model": False}, "system_metrics": system_metrics}
 
 
 def test_the_sections_rows_are_exactly_the_table_labels():
     m = measurements()
     overhead = (report.overhead_rows({"torch": [1.0], "main": [2.0]}, [m["run"]], [m["run"]], [m["bare"]],
                                      {"existing": m["profile"], "fresh": m["profile"]}, [m["trial"]] * 6)
-                | report.sweep_rows({1: m["sweep"]}) | report.cost_rows(m["costs"]))
+                | report.sweep_rows({1: m["sweep"]}) | report.cost_rows(m["costs"])
+                | report.system_metrics_row(m["system_metrics"]))
     assert set(overhead) == set(report.OVERHEAD_ROWS)
     rows = (overhead | report.sweep_rows({1: m["sweep"], 2: m["sweep"]})
             | report.target_rows([m["run"]], [m["run"]])
@@ -82,6 +85,15 @@ def test_the_latency_rows_give_the_median_the_spread_between_measurements_and_th
     assert latency[0] == "1.000 ms"
     assert latency[2].startswith("median of 3 measurements in a row: 0.800-1.200 ms, a spread of 40% of the median")
     assert measuring[:2] == ("0.030 s", "<= 0.1 s: met") and "0.020-0.050 s" in measuring[2]
+
+
+def test_the_system_metrics_row_is_the_difference_of_the_medians_judged_against_its_target():
+    measured = measurements()["system_metrics"]
+    result, target, detail = report.system_metrics_row(measured)[report.SYSTEM_METRICS_ROW]
+    assert (result, target) == ("+0.10 s", "<= 0.2 s: met")  # medians 8.1 and 8.0
+    assert "every 5 s, 2 logged a run" in detail and "medians 8.10 / 8.00 s of 3 each" in detail
+    slower = measured | {"with_s": [8.5, 8.4, 8.6]}
+    assert report.system_metrics_row(slower)[report.SYSTEM_METRICS_ROW][:2] == ("+0.50 s", "<= 0.2 s: not met")
 
 
 def test_a_phase_missing_from_the_profile_is_named_in_its_row():
@@ -294,6 +306,7 @@ RESULTS = [
     (r"^GPU: ", r"^(no GPU|\d+\.\d s)"),
     (r"^augment=", r"^\d+\.\d\d s of warps$"),
     (r"^model costs: ", r"^\d+\.\d{3} (ms|s)$"),
+    (r"^system metrics: ", r"^[+-]\d+\.\d\d s$"),
 ]
 
 

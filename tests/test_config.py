@@ -93,6 +93,7 @@ def test_the_groups_offer_what_the_docs_promise():
         (["scheduler.div_factor=0"], "scheduler.div_factor must be > 0"),
         (["scheduler.final_div_factor=-1"], "scheduler.final_div_factor must be > 0"),
         (["scheduler.cycle_momentum=1"], "scheduler.cycle_momentum must be true or false"),
+        (["mlflow.system_metrics_interval=0"], r"mlflow.system_metrics_interval must be > 0 \(seconds"),
     ],
 )
 def test_every_documented_constraint_is_a_one_line_error(overrides, message):

@@ -37,7 +37,7 @@ def test_an_unknown_model_is_named(logged_model, uri, named):
 def test_a_pickled_model_is_refused_not_unpickled(logged_model, tmp_path):
     mlflow.set_tracking_uri(logged_model.tracking_uri)
     with tracking.run("pickled", {}, {}):
-        tracking.log_outputs(logged_model.model, None, torch.zeros(2, 1, 28, 28), "pickle", "pickled")
+        tracking.log_outputs(logged_model.model, torch.zeros(2, 1, 28, 28), "pickle", "pickled")
         uri = mlflow.get_run(mlflow.active_run().info.run_id).data.tags[tracking.MODEL_URI_TAG]
     with pytest.raises(registry.ModelNotFound, match="pickle"):
         registry.load_model(uri)
@@ -83,7 +83,7 @@ def test_a_run_without_a_model_says_it_ran_with_model_format_null(tmp_path):
     tracking.use_store(tracking_uri, "mnist_sweep", str(tmp_path / "mlartifacts"))
     params = {"mlflow.model_format": None, "mlflow.log_models": "best"}
     with tracking.run("no-model", params, {"hydra.overrides": "mlflow.model_format=null epochs=2"}) as active:
-        tracking.log_outputs(torch.nn.Linear(1, 1), None, torch.zeros(2, 1), None, "linear")
+        tracking.log_outputs(torch.nn.Linear(1, 1), torch.zeros(2, 1), None, "linear")
     mlflow.set_tracking_uri(tracking_uri)
     with pytest.raises(registry.ModelNotFound) as err:
         registry.resolve_model(active.info.run_id)
@@ -111,7 +111,7 @@ def test_the_champion_moves_on_the_metric_that_chose_the_candidate(tmp_path):
 
     def candidate(cost: str | None = None, floor: float | None = None, **metrics: float):
         with tracking.run("candidate", {}, {}) as active:
-            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
+            tracking.log_outputs(ConvNet([4]), torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
             mlflow.log_metrics(metrics)
         run = client.get_run(active.info.run_id)
         registry.promote(client, run, cost, floor)

@@ -149,6 +149,23 @@ def test_in_process_run_returns_the_logged_final_accuracy(overrides, tmp_path):
     assert {"param_count", "latency_ms", "latency_ms_iqr", "model_bytes"} <= set(run.data.metrics)
 
 
+def test_a_run_samples_the_machine_into_its_system_metrics_unless_told_not_to(overrides, tmp_path):
+    """MLflow's monitor, sampling every 50 ms here (a tiny run lasts about a second): CPU and memory
+    as ``system/…`` metrics, a step a sample; with mlflow.system_metrics=false, none."""
+    quick = [*overrides, "mlflow.model_format=null", "mlflow.system_metrics_interval=0.05"]
+    run_in_process(quick, tmp_path / "on")
+    run_in_process([*quick, "mlflow.system_metrics=false"], tmp_path / "off")
+    client = store(tmp_path)
+    on, off = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id],
+                                 order_by=["attributes.start_time ASC"])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage"} <= set(on.data.metrics)
+    cpu = client.get_metric_history(on.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and sorted(m.step for m in cpu) == list(range(len(cpu)))
+    assert all(0 <= m.value <= 100 for m in cpu)
+    assert off.data.metrics.get("test_acc") and not [key for key in off.data.metrics if key.startswith("system/")]
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.lr=0", "error: optim.lr must be > 0"), ("data.batch_size=0", "error: data.batch_size must be >= 1"),
     ("epochs=0", "error: epochs must be >= 1"), ("device=tpu", "error: device must be one of"),

@@ -40,7 +40,7 @@ def trial_run(client: MlflowClient, study: optuna.Study, parent: str, acc: float
     with tracking.run(f"trial-{trial.number}", {}, tags, parent) as active:
         trial.set_user_attr(RUN_ID_ATTR, active.info.run_id)
         if model:
-            tracking.log_outputs(ConvNet([4]), None, torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
+            tracking.log_outputs(ConvNet([4]), torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
         mlflow.log_metric("test_acc", acc)
     study.tell(trial, acc)
     return active.info.run_id

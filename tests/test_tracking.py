@@ -111,7 +111,7 @@ def test_logged_models_are_named_carry_their_scores_costs_and_params_and_sort_by
             tracking.log_epoch(2, {"test_acc": acc, "test_loss": 0.3})
             tracking.log_check(2, 0.1)  # a check's step counts checks: not the last epoch's score
             name = tracking.model_name("shallow", model.widths, "lr.study/2", trial)
-            model_id = tracking.log_outputs(model, None, torch.zeros(2, 1, 28, 28), "pickle", name)
+            model_id = tracking.log_outputs(model, torch.zeros(2, 1, 28, 28), "pickle", name)
             tracking.log_costs(costs.measure(model, image), model_id)
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name("mnist_sweep").experiment_id

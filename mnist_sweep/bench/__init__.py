@@ -41,6 +41,11 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    a share of it (the metric's noise between runs), the median IQR of one measurement's passes
    (its noise within, logged as ``latency_ms_iqr``), and the seconds ``costs.measure`` adds to a run
    (target <= 0.1 s). Its share of a profiled run is the ``model costs`` phase.
+   System metrics (``system metrics``): the default run's training in this process, inside a tracked
+   run started and ended around it, with MLflow's system metrics (``mlflow.system_metrics_interval``)
+   and without, alternating after an untimed pair; their cost to a one-epoch run is the difference
+   of the medians (the monitor's samples take the GIL now and then, and ``end_run`` joins its
+   thread). Target: <= 0.2 s.
    ``--overhead`` runs only these measurements.
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (8 trials of one size: a
    1-epoch default run; no pruner; spawn to exit), first 1 worker x 2 threads, then joblib with

@@ -1,5 +1,5 @@
 """Measurements in the bench's own process: the bare training loop, augmentation's warps, a model's
-cost metrics, and what tracking one trial costs in a store."""
+cost metrics, what tracking one trial costs in a store, and what system metrics cost a run."""
 
 from __future__ import annotations
 
@@ -21,13 +21,54 @@ def time_bare_fit(cfg) -> dict:
     device = train.pick_device(cfg.device)
     train.set_threads(cfg.threads, parallel_workers=1)
     train_set, test_set = tensors.load(data.tensor_file(cfg.data.root), device)
-    model, optimizer, scheduler, augment = build(cfg, device, len(train_set))
+    built = build(cfg, device, len(train_set))
     start = time.perf_counter()
-    metrics = train.fit(model, optimizer, scheduler, train_set, test_set, epochs=cfg.epochs,
-                        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
-                        augment=augment)
+    metrics = fit(cfg, built, train_set, test_set)
     return {"fit_s": time.perf_counter() - start, "acc": metrics["test_acc"], "device": device.type,
             "epoch_s": metrics["epoch_seconds"]}
+
+
+def fit(cfg, built: tuple, train_set, test_set) -> dict[str, float]:
+    """``train.fit`` as ``python -m mnist_sweep`` calls it on ``cfg``, on the objects ``run.build`` made."""
+    from mnist_sweep import train
+
+    model, optimizer, scheduler, augment = built
+    return train.fit(model, optimizer, scheduler, train_set, test_set, epochs=cfg.epochs,
+                     batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                     augment=augment)
+
+
+def time_system_metrics(cfg, repeats: int) -> dict:
+    """What MLflow's system metrics cost a run: ``cfg``'s training inside a tracked run (in its own
+    experiment of the store ``cfg`` names), timed from the run's start to its end, with the monitor
+    (every ``mlflow.system_metrics_interval`` s) and without, alternating, after one untimed pair (the
+    first imports psutil and the monitor); the samples each monitored run logged. The monitor's
+    thread takes the GIL from training now and then, and end_run waits for it: both are in the time."""
+    from mlflow import MlflowClient
+
+    from mnist_sweep import data, tensors, tracking, train
+    from mnist_sweep.run import build
+
+    device = train.pick_device(cfg.device)
+    train.set_threads(cfg.threads, parallel_workers=1)
+    train_set, test_set = tensors.load(data.tensor_file(cfg.data.root), device)
+    tracking.use_store(cfg.mlflow.tracking_uri, "bench-system-metrics", cfg.mlflow.artifact_root)
+    tracking.watch_system(cfg.mlflow.system_metrics_interval)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    samples = []
+    for i in range(repeats + 1):
+        for monitored in (True, False):
+            built = build(cfg, device, len(train_set))
+            start = time.perf_counter()
+            with tracking.run("bench-system-metrics", {}, {}, system_metrics=monitored) as active:
+                fit(cfg, built, train_set, test_set)
+            if i:  # the first pair is the warm-up
+                seconds[monitored].append(time.perf_counter() - start)
+            if monitored:
+                history = MlflowClient().get_metric_history(active.info.run_id, "system/cpu_utilization_percentage")
+                samples.append(len(history))
+    return {"with_s": seconds[True], "without_s": seconds[False], "samples": samples,
+            "interval_s": cfg.mlflow.system_metrics_interval}
 
 
 def time_augment(cfg) -> dict:
@@ -67,16 +108,17 @@ def time_costs(cfg, repeats: int) -> dict:
 
 
 def record_trial(cfg, params: dict, datasets: list, model: torch.nn.Module, hydra_dir: Path) -> None:
-    """What a run records, without its training: params, datasets, checks, an epoch, config files, model."""
+    """What a run records, without its training: params, config files, datasets, checks, an epoch, model."""
     from mnist_sweep import tracking
 
     with tracking.run("bench-tracking", params, tags={}):
+        tracking.log_config(hydra_dir)
         tracking.log_datasets(datasets)
         for step in range(1, 4):
             tracking.log_check(step, 0.9)
         tracking.log_epoch(4, {"train_loss": 0.1, "test_loss": 0.1, "test_acc": 0.99,
                                "epoch_seconds": 10.0, "images_per_second": 6000.0})
-        model_id = tracking.log_outputs(model, hydra_dir, torch.zeros(2, 1, 28, 28), cfg.mlflow.model_format, "bench")
+        model_id = tracking.log_outputs(model, torch.zeros(2, 1, 28, 28), cfg.mlflow.model_format, "bench")
         tracking.log_costs({"param_count": 29178, "latency_ms": 0.3, "latency_ms_iqr": 0.02, "model_bytes": 124789},
                            model_id)
 

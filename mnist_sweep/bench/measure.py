@@ -17,7 +17,7 @@ import torch
 
 from mnist_sweep import stack
 from mnist_sweep.bench import classic, phases, report
-from mnist_sweep.bench.inprocess import time_augment, time_bare_fit, time_costs, time_tracking
+from mnist_sweep.bench.inprocess import time_augment, time_bare_fit, time_costs, time_system_metrics, time_tracking
 from mnist_sweep.bench.timers import (Stores, profile_run, server_stores, sqlite_stores, time_classic, time_imports,
                                       time_run, time_sweep, trial_overheads)
 
@@ -115,6 +115,11 @@ def bare_fits(bench: Bench) -> list[dict]:
 def model_costs(bench: Bench) -> dict:
     say("cost metrics of the default model, measured again and again")
     return time_costs(bench.cfg, 3 if bench.quick else COST_MEASUREMENTS)
+
+
+def system_metrics(bench: Bench) -> dict:
+    say("one-epoch runs with and without system metrics, alternating")
+    return time_system_metrics(bench.cfg, bench.repeats)
 
 
 def pinned(workers: int) -> list[str]:
@@ -215,7 +220,8 @@ def overhead_and_more(bench: Bench, overhead_only: bool) -> report.Rows:
     sweeps = {workers: throughput(bench, workers) for workers in ((1,) if overhead_only else (1, 2))}
     trials = trial_overheads(f"bench-{bench.stamp}-1w", bench.stores)
     rows = report.overhead_rows(runs["imports"], runs["ours"], runs["fresh"], bare, profiled, trials)
-    rows |= report.sweep_rows(sweeps) | report.cost_rows(model_costs(bench))
+    rows |= (report.sweep_rows(sweeps) | report.cost_rows(model_costs(bench))
+             | report.system_metrics_row(system_metrics(bench)))
     if overhead_only:
         return rows
     shared, searches, augments = shared_stores(bench), pruning(bench), augment_epochs(bench)

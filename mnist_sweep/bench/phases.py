@@ -31,7 +31,7 @@ PHASES = {
     "store (open or create)": ("mnist_sweep.tracking.use_store",),
     "model, optimizer": ("mnist_sweep.run.build",),
     "run start": ("mlflow.start_run", "mlflow.log_params", "mnist_sweep.tracking.describe_run",
-                  "mnist_sweep.tracking.log_datasets"),
+                  "mnist_sweep.tracking.log_config", "mnist_sweep.tracking.log_datasets"),
     "per-epoch records": ("mnist_sweep.tracking.log_epoch",),  # a run outside a study logs no checks
     "model logging": ("mnist_sweep.tracking.log_outputs",),
     "model costs": ("mnist_sweep.costs.measure", "mnist_sweep.tracking.log_costs"),  # cProfile slows its passes
