@@ -86,6 +86,9 @@ def overrides(tiny_mnist, tmp_path) -> list[str]:
         "data.eval_batch_size=64",
         "device=cpu",
         "epochs=1",  # a sweep's trials too (its space searches 2-8): a test that needs more says so
+        # one thread: tests run two (or more) at once on two cores, and an oversubscribed OpenMP team
+        # spins: a tiny epoch took 3-5x as long on 2 threads (a test of threads=0 says so)
+        "threads=1",
     ]
 
 
@@ -345,6 +348,25 @@ def ended_pid() -> int:
 # --------------------------------------------------------------------------- sweeps as a user starts them
 
 FINISHED = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+
+
+def sweep_here(*args: str) -> None:
+    """``python -m mnist_sweep -m args`` in this process: the same Hydra entry, sweeper and jobs,
+    without a new interpreter's imports (seconds a sweep). One that fails raises; its log goes to
+    stdout (``capsys``), as in a terminal."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mnist_sweep.__main__ import main
+
+    argv, sys.argv = sys.argv, ["mnist_sweep", "-m", *args]
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code, f"the sweep ended with {exit_.code}"
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
 
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -37,7 +37,7 @@ def run_in_process(overrides: list[str], output_dir) -> float:
 
 
 def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, tiny_mnist, tmp_path):
-    done = run_cli("mnist_sweep", *overrides, "epochs=2", "optim.lr=0.05")
+    done = run_cli("mnist_sweep", *overrides, "epochs=2", "optim.lr=0.05", "threads=0")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "epoch 2/2" in done.stdout  # one log line per epoch (Hydra logs to stdout)
 

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -19,13 +20,16 @@ import pytest
 import requests
 import torch
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
+from optuna.distributions import (CategoricalDistribution, DiscreteUniformDistribution, FloatDistribution,
+                                  IntDistribution, IntLogUniformDistribution, IntUniformDistribution,
+                                  LogUniformDistribution, UniformDistribution)
 from optuna.trial import TrialState
 
 from conftest import (FINISHED, assert_each_job_ran_its_trial, assert_one_line_error, ended_pid, finish,
-                      load_study, run_cli, server_args, start, study_runs)
+                      load_study, run_cli, server_args, start, study_runs, sweep_here)
 from hydra_plugins.mnist_sweep import sweeper
 from mnist_sweep import registry, tracking
 from mnist_sweep.config import PROJECT_ROOT, ConfigError
@@ -181,7 +185,8 @@ def test_a_swallowed_ctrl_c_is_still_remembered():
 
 def test_the_search_space_is_the_plugins_and_a_range_optuna_rejects_is_one_line_naming_it():
     space = ["optim.lr=tag(log, interval(0.02, 0.3))", "model=deep", "optim.lr=tag(log, interval(0.01, 0.1))"]
-    assert sweeper.parse_space(space) == create_params_from_overrides(space)  # the last of a key wins
+    # the last of a key wins
+    assert sweeper.parse_space(space) == ({"optim.lr": FloatDistribution(0.01, 0.1, log=True)}, {"model": "deep"})
     searched, fixed = sweeper.parse_space(["model.channels=[4,8]", "model.channels=choice(4, 8)", "epochs=choice(1, 2)",
                                            "epochs=3"])
     assert "model.channels" in searched and "model.channels" not in fixed  # searched, as its last override says
@@ -194,6 +199,106 @@ def test_the_search_space_is_the_plugins_and_a_range_optuna_rejects_is_one_line_
         message = str(error.value)
         assert message.startswith(f"the search range {bad} is one Optuna cannot search") and why in message
         assert message.endswith("change it on the command line or in hydra.sweeper.params") and "\n" not in message
+
+
+# Each range syntax of a search space, and the one of Optuna 5's classes the sweeper stores for it
+RANGES = {
+    "model=choice(shallow, deep)": CategoricalDistribution(["shallow", "deep"]),
+    "model.dropout=interval(0.0, 0.4)": FloatDistribution(0.0, 0.4),
+    "optim.lr=tag(log, interval(0.02, 0.3))": FloatDistribution(0.02, 0.3, log=True),
+    "model.channels=range(8, 40, step=8)": IntDistribution(8, 40, step=8),  # (the plugin keeps the stop)
+    "optim.weight_decay=range(0.0, 0.001, step=0.0005)": FloatDistribution(0.0, 0.001, step=0.0005),
+}
+
+
+def test_every_range_syntax_is_stored_in_optuna_5s_classes_and_the_study_loads_without_a_warning(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # optuna 2's classes warn (FutureWarning: removed in v6.0.0)
+        space, _ = sweeper.parse_space(list(RANGES))
+        assert space == {override.split("=")[0]: distribution for override, distribution in RANGES.items()}
+        study = optuna.create_study(study_name="s", storage=open_storage(url))
+        trial = study.ask()
+        for name, distribution in space.items():  # as the sweeper suggests each trial's params
+            trial._suggest(name, distribution)
+        study.tell(trial, 0.5)
+        (stored,) = optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()
+    assert stored.distributions == space
+
+
+def test_optuna_2s_classes_become_the_equivalent_of_optuna_5s(tmp_path):
+    """Those the plugin builds (the deprecated hydra.sweeper.search_space also makes IntLogUniform),
+    each as Optuna converts it itself, and a grid sampler's values the plugin's for them."""
+    from optuna.distributions import _convert_old_distribution_to_new_distribution as optunas
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = [UniformDistribution(0.0, 0.4), LogUniformDistribution(0.02, 0.3), DiscreteUniformDistribution(0, 1, 0.25),
+               IntUniformDistribution(8, 32, step=8), IntLogUniformDistribution(1, 64)]
+        grid = OptunaSweeperImpl._to_grid_sampler_choices(None, old[3]), OptunaSweeperImpl._to_grid_sampler_choices(
+            None, old[2])
+    for distribution in old:
+        new = sweeper.current(distribution)
+        assert new == optunas(distribution, suppress_warning=True) and type(new) in (FloatDistribution, IntDistribution)
+    choice = CategoricalDistribution(["a", "b"])
+    assert sweeper.current(choice) is choice
+    ours = sweeper.StudySweeper._to_grid_sampler_choices
+    assert (ours(None, sweeper.current(old[3])), ours(None, sweeper.current(old[2]))) == grid
+    assert ours(None, choice) == ["a", "b"]
+    with pytest.raises(ValueError, match="only supports discrete"):
+        ours(None, sweeper.current(old[0]))
+
+
+def old_study(url: str, space: dict) -> optuna.Study:
+    """A study as this sweeper wrote one before: each param suggested with the plugin's optuna 2
+    classes (UniformDistribution, LogUniformDistribution, IntUniformDistribution, ...); two trials
+    completed, a third running, a fourth failed by a store that went away and re-queued."""
+    storage = open_storage(url, max_retry=1)
+    study = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for end in (0.6, 0.7, "running", None):
+            trial = study.ask()
+            for name, distribution in space.items():
+                trial._suggest(name, distribution)
+            if end == "running":
+                continue
+            if end is None:
+                sweeper.fail_ended_job(study, storage, trial, "its job lost a store: Connection refused")
+            else:
+                study.tell(trial, end)
+    return study
+
+
+def test_a_study_written_in_optuna_2s_classes_is_upgraded_and_goes_on_with_its_retry(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = [override for override in RANGES if not override.startswith("optim.weight_decay")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old_space = create_params_from_overrides(overrides)[0]  # what the plugin built
+    old_study(url, old_space)
+    storage = open_storage(url, max_retry=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        space, _ = sweeper.parse_space(overrides)
+        study, created = sweeper.open_study(storage, "old", ["maximize"], optuna.pruners.NopPruner())
+        assert not created and sweeper.upgrade_distributions(storage, "old") == 0  # all done the first time
+        study.sampler = optuna.samplers.TPESampler(n_startup_trials=2, seed=0)  # modelling the old trials too
+        asked = []
+        for value in (0.8, 0.9):
+            trial = study.ask()
+            for name, distribution in space.items():
+                trial._suggest(name, distribution)
+            study.tell(trial, value)
+            asked.append(trial.number)
+        trials = optuna.load_study(study_name="old", storage=open_storage(url)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING, TrialState.FAIL] + [
+        TrialState.COMPLETE] * 2
+    retry = trials[asked[0]]  # the re-queued trial came first, with its failed trial's params
+    assert retry.system_attrs["failed_trial"] == 3 and retry.params == trials[3].params
+    assert all(t.distributions == {k: space[k] for k in t.distributions} for t in trials)  # old and new alike
+    assert all(type(d) in (FloatDistribution, IntDistribution, CategoricalDistribution)
+               for t in trials for d in t.distributions.values())
 
 
 def test_a_trial_whose_job_on_this_host_is_gone_fails_at_once_with_why(tmp_path):
@@ -209,6 +314,9 @@ def test_a_trial_whose_job_on_this_host_is_gone_fails_at_once_with_why(tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL, *[TrialState.RUNNING] * 3, TrialState.WAITING]  # re-queued
     assert trials[0].user_attrs[FAILURE_ATTR] == (f"its job (process {pid} on {socket.gethostname()}) ended "
                                                   "mid-trial: killed, or crashed")
+    # the retry carries none of the failed trial's user attributes: with its worker's host and pid,
+    # it would look gone too, before its own job records itself
+    assert trials[4].user_attrs == {} and trials[4].system_attrs["fixed_params"] == trials[0].params
 
 
 
@@ -231,10 +339,8 @@ def test_a_job_that_lost_a_store_fails_its_trial_with_why_and_it_is_requeued_onc
 # --------------------------------------------------------------------------- whole sweeps, in subprocesses
 
 
-def sweep(overrides: list[str], *args: str) -> subprocess.CompletedProcess:
-    done = run_cli("mnist_sweep", "-m", *overrides, *args, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done
+def sweep(overrides: list[str], *args: str) -> None:
+    sweep_here(*overrides, *args)
 
 
 def study(tmp_path, name="mnist_sweep") -> optuna.Study:
@@ -361,7 +467,7 @@ def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
 @pytest.mark.slow
 def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_path):
     sweep(overrides, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
-          "hydra.sweeper.n_trials=4")
+          "hydra.sweeper.n_trials=4", "threads=0")
     trials = study(tmp_path).get_trials()
     assert len(trials) == 4 and {t.state for t in trials} <= FINISHED
     _, (parent,), children = runs(tmp_path)
@@ -527,15 +633,14 @@ def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
 
 
 @pytest.mark.slow
-def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path):
+def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path, capsys):
     # another worker's trials count against the study-wide cap: one finished, one still running
-    (tmp_path / "outputs").mkdir()
     other = optuna.create_study(study_name="mnist_sweep", direction="maximize",
                                 storage=open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"))
     other.tell(other.ask(), 0.5)
     other.ask()
-    done = sweep(overrides, "hydra.sweeper.n_trials=4", "hydra.sweeper.max_trials=3")
-    assert len(study(tmp_path).get_trials()) == 3 and "hydra.sweeper.max_trials=3 trials" in done.stdout + done.stderr
+    sweep(overrides, "hydra.sweeper.n_trials=4", "hydra.sweeper.max_trials=3")
+    assert len(study(tmp_path).get_trials()) == 3 and "hydra.sweeper.max_trials=3 trials" in capsys.readouterr().out
     # a budget shorter than a trial: no second trial starts, and the first stops where it is
     # (10 s: the sweep's own start must fit in it; 2000 tiny epochs would take minutes)
     sweep(overrides, "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=10", "hydra.sweeper.study_name=timed",
@@ -757,12 +862,12 @@ def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_th
 
 @pytest.mark.slow
 def test_a_pareto_search_weighs_accuracy_against_cost_logs_its_front_and_crowns_the_cheapest_feasible(
-        overrides, tmp_path):
-    done = sweep(overrides, "hydra/sweeper=pareto", "hydra.sweeper.n_trials=3", "sweep.min_accuracy=0.3",
+        overrides, tmp_path, capsys):
+    sweep(overrides, "hydra/sweeper=pareto", "hydra.sweeper.n_trials=3", "sweep.min_accuracy=0.3",
                  "model=shallow", "model.channels=choice(4, 8)", "optim.lr=choice(0.05, 1e-6)",
                  "hydra.sweeper.enqueue=[{optim.lr:1e-6,model.channels:4},{optim.lr:0.05,model.channels:4},"
                  "{optim.lr:0.05,model.channels:8}]")
-    assert "a Pareto search (test_acc, then param_count): pruning is off" in done.stdout + done.stderr
+    assert "a Pareto search (test_acc, then param_count): pruning is off" in capsys.readouterr().out
     pareto = study(tmp_path, "mnist_sweep-pareto-param_count")
     assert pareto.metric_names == ["test_acc", "param_count"]  # what the dashboard and plots show
     trials = pareto.get_trials()
