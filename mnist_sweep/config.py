@@ -87,6 +87,7 @@ class Config:
     device: str = MISSING
     threads: int = MISSING
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
+    outage_s: float = MISSING
     pruning: PruningConfig = field(default_factory=PruningConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -173,6 +174,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("mlflow.tracking_uri", lambda v: v is not None, "set (stores=server reads it from $MLFLOW_TRACKING_URI)"),
     ("mlflow.http_retries", lambda v: v >= 0, ">= 0"),
     ("mlflow.http_timeout", lambda v: v > 0, "> 0"),
+    ("outage_s", lambda v: v >= 0, ">= 0 seconds (0: a store that stops answering stops the worker at once)"),
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
     ("mlflow.log_models", lambda v: v in ("best", "all"), "best or all"),
     ("sweep.cost", lambda v: v in COSTS, " or ".join(COSTS)),

@@ -41,18 +41,19 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
     device = train.pick_device(cfg.device)
     job = join_trial(cfg, hydra_cfg.sweeper, objective)
     tracking.bound_http(cfg.mlflow.http_retries, cfg.mlflow.http_timeout)
-    if cfg.mlflow.system_metrics:
-        tracking.watch_system(cfg.mlflow.system_metrics_interval)
-    tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
+    # a study trial's sweeper reached the store just now: one that does not answer is an outage to ride out
+    tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root,
+                       cfg.outage_s if job.number is not None else 0)
     splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
                          cfg.data.split_seed, cfg.pruning.check_images)
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
     model, optimizer, scheduler, augment = build(cfg, device, len(splits.train))
-    record = tracking.Recorder()  # if MLflow goes away mid-run, training goes on without it
+    record = tracking.Recorder(cfg.mlflow.tracking_uri, cfg.outage_s)  # MLflow away mid-run: training goes on
     with job:  # heartbeats; a crash fails the trial
         try:
             description = tracking.describe_run(cfg, hydra_cfg, threads, job)
-            with tracking.run(**description, stopped=STOPPED, system_metrics=cfg.mlflow.system_metrics) as active:
+            sampled = cfg.mlflow.system_metrics_interval if cfg.mlflow.system_metrics else None
+            with tracking.run(**description, stopped=STOPPED, system_metrics=sampled, record=record) as active:
                 job.attach_run(active.info.run_id)
                 # the config files first: a run killed midway can still be run again
                 record(tracking.log_config, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
@@ -119,7 +120,7 @@ def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.Jo
     pruner = instantiate(sweeper.pruner) if cfg.optuna.trial is not None else None
     return trial.join(cfg.optuna.study, cfg.optuna.trial, sweeper.get("storage"), pruner,
                       sweeper.get("heartbeat_interval"), objective, cfg.epochs, cfg.pruning.checks_per_epoch,
-                      cfg.optuna.deadline)
+                      cfg.optuna.deadline, cfg.outage_s)
 
 
 def build(cfg: DictConfig, device: torch.device, train_images: int):

@@ -17,8 +17,10 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 import sqlalchemy
@@ -35,6 +37,12 @@ READ_ONLY = {*(("sqlite", code) for code in (sqlite3.SQLITE_READONLY, sqlite3.SQ
 DISK_FULL = {("sqlite", sqlite3.SQLITE_FULL), ("errno", errno.ENOSPC), ("sqlstate", "53100")}
 # MLflow's error codes for a tracking server that failed inside (its database away), not the request
 TRACKING_DOWN = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"}
+# Riding out an outage: the first try again after this, each wait twice the last, up to the most;
+# a store back after a restart is found within MAX_PAUSE_S, without hammering one that is down
+FIRST_PAUSE_S, MAX_PAUSE_S = 0.5, 5.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -88,7 +96,8 @@ def _advisory_lock(uri: str) -> Iterator[None]:
     try:
         connection = engine.connect()
     except sqlalchemy.exc.OperationalError as err:
-        raise StoreError(f"cannot reach the database {redact(uri)}: {one_line(err.orig)}") from None
+        # from its cause: a worker riding out an outage (ride_out) knows it for the database gone
+        raise StoreError(f"cannot reach the database {redact(uri)}: {one_line(err.orig)}") from err
     try:
         with connection:  # the lock is the session's: it ends with the connection, or the process
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
@@ -130,6 +139,40 @@ def database_gone(error: BaseException) -> bool:
     """Whether ``error`` says the database stopped answering (a lost or refused connection)."""
     return any(isinstance(each, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
                for each in causes(error))
+
+
+def can_go_away(uri: str) -> bool:
+    """Whether the store ``uri`` is a server (PostgreSQL, an MLflow tracking server), which can stop
+    answering for a while and come back: a worker rides out its outages (:func:`ride_out`). A local
+    sqlite file does not come back by waiting: its errors (a full disk, a lock) are errors at once."""
+    return bool(uri) and not uri.startswith("sqlite:")
+
+
+def ride_out(call: Callable[[], T], what: str, uri: str, bound_s: float) -> T:
+    """``call()``, riding out an outage of the store ``uri`` (``what`` it is) shorter than ``bound_s``
+    seconds: while it raises an error that says the store is gone (:func:`gone`), wait and call again,
+    saying so once, and once more when the store answers. Past the bound (counted from the first
+    failure), or for any other error, or a full disk, the error goes on. ``call`` must be safe to
+    repeat: a try that failed is tried again whole."""
+    began, pause = None, FIRST_PAUSE_S
+    while True:
+        try:
+            result = call()
+        except Exception as err:
+            now = time.monotonic()
+            left = bound_s - (now - began if began is not None else 0)
+            if not gone(err) or disk_full(err) or left <= 0:
+                raise
+            if began is None:
+                began = now
+                log.warning("%s %s stopped answering (%s): waiting up to %s s for it", what, redact(uri),
+                            one_line(err), bound_s)
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, MAX_PAUSE_S)
+            continue
+        if began is not None:
+            log.warning("%s answers again, after %.0f s", what, time.monotonic() - began)
+        return result
 
 
 @contextlib.contextmanager

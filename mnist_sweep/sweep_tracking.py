@@ -41,9 +41,9 @@ class MlflowStudy:
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None, http_retries: int,
                  http_timeout: int, study_storage: str, cost: str | None = None,
-                 min_accuracy: float | None = None) -> None:
+                 min_accuracy: float | None = None, outage_s: float = 0) -> None:
         self.tracking_uri, self.experiment, self.artifact_root = tracking_uri, experiment, artifact_root
-        self.http_retries, self.http_timeout = http_retries, http_timeout
+        self.http_retries, self.http_timeout, self.outage_s = http_retries, http_timeout, outage_s
         self.study_storage = study_storage
         self.cost, self.min_accuracy = cost, min_accuracy  # a Pareto search's (hydra/sweeper=pareto)
         self.parent_id: str | None = None
@@ -58,11 +58,12 @@ class MlflowStudy:
         log.info("MLflow parent run %s (%s)", study.study_name, self.parent_id)
 
     def check(self, study: optuna.Study) -> None:
-        """Before each batch: stop the sweep if MLflow stopped answering. A trial started now would
-        train without a record or a model to register; the study keeps every finished trial, so a
-        rerun of the same command goes on where this one stopped."""
+        """Before each batch: wait for MLflow if it stopped answering, up to ``outage_s``, then stop the
+        sweep. A trial started then would train without a record or a model to register; the study
+        keeps every finished trial, so a rerun of the same command goes on where this one stopped."""
         try:
-            MlflowClient().get_run(self.parent_id)
+            stores.ride_out(lambda: MlflowClient().get_run(self.parent_id), "the MLflow store", self.tracking_uri,
+                            self.outage_s)
         except tracking.LOST as err:
             finished = len(study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]))
             raise stores.StoreError(
@@ -72,7 +73,10 @@ class MlflowStudy:
 
     def close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None:
         """Refresh the parent's summary and the champion; end the parent unless other workers still
-        run trials (the last worker to end ends it)."""
+        run trials (the last worker to end ends it). MLflow away at the sweep's end: as before a batch
+        (:meth:`check`); a sweep that stopped does not wait for it again."""
+        if not interrupted:
+            self.check(study)
         client = MlflowClient()
         # two workers ending together: one champion, one version (the study's database locks
         # across machines; an embedded MLflow store also locks its own file)

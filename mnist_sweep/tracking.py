@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import re
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +25,16 @@ import requests
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import LoggedModelStatus, Metric, RunStatus
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
+    MLFLOW_RUN_CONTEXT,
     MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
 )
 from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+from mlflow.utils.time import get_current_time_millis
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -50,6 +55,9 @@ DEADLINE_TAG = "deadline"  # where the sweep's deadline stopped the run (KILLED;
 MODEL_SCORES = ("test_acc", "test_loss", "val_acc", "val_loss")
 # What MLflow raises when its store does not answer: its own error, or the HTTP client's
 LOST = (mlflow.exceptions.MlflowException, requests.RequestException)
+# While a tracking server is away, a record asks it whether it answers at most this often, with a
+# health check of at most PROBE_TIMEOUT_S and no retries: training never waits out MLflow's own retries
+PROBE_S, PROBE_TIMEOUT_S = 5.0, 2.0
 # MLflow's sqlite store logs a database error with its traceback, then raises it: whoever catches
 # it reports it once, in one line (a full disk would otherwise print each traceback twice)
 logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: record.exc_info is None)
@@ -66,9 +74,11 @@ def bound_http(retries: int, timeout: int) -> None:
     os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = str(timeout)
 
 
-def use_store(tracking_uri: str, experiment: str, artifact_root: str | None) -> str:
+def use_store(tracking_uri: str, experiment: str, artifact_root: str | None, outage_s: float = 0) -> str:
     """Point MLflow at the store and experiment; returns the experiment id. A store that cannot
-    be reached is a :class:`stores.StoreError`, before any run starts.
+    be reached is a :class:`stores.StoreError`, before any run starts, unless it answered this
+    worker before (a study trial's sweeper reached it): then an outage shorter than ``outage_s`` is
+    waited out.
 
     A new experiment in an embedded store keeps its artifacts under ``artifact_root``: without it
     MLflow would write them to ``./mlruns`` in whatever directory the run started. A tracking
@@ -81,8 +91,8 @@ def use_store(tracking_uri: str, experiment: str, artifact_root: str | None) -> 
     server = stores.is_server(tracking_uri)
     # a new sqlite store's schema migration must not run twice at once: the lock
     with stores.opening("the MLflow store", tracking_uri, "mlflow.tracking_uri", *LOST), stores.lock(tracking_uri):
-        found = mlflow.get_experiment_by_name(experiment) or _create_experiment(
-            experiment, None if server else artifact_root)
+        found = stores.ride_out(lambda: mlflow.get_experiment_by_name(experiment) or _create_experiment(
+            experiment, None if server else artifact_root), "the MLflow store", tracking_uri, outage_s)
     if server and found.artifact_location.startswith("file:"):
         raise stores.StoreError(
             f"experiment {experiment!r} on the tracking server {stores.redact(tracking_uri)} keeps its artifacts "
@@ -108,70 +118,203 @@ def _create_experiment(name: str, artifact_root: str | None) -> mlflow.entities.
 @contextlib.contextmanager
 def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_run_id: str | None = None,
         stopped: Mapping[type[BaseException], str] | None = None,
-        system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+        system_metrics: float | None = None, record: Recorder | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C, and
     KILLED on an exception of ``stopped`` (type → tag), with that tag saying why (the first type that
     matches: a subclass before its base). ``system_metrics``: MLflow samples the machine into it
-    while it runs (:func:`watch_system`)."""
-    stopped = dict(stopped or {})
+    every that many seconds while it runs (``system/…``: CPU %, memory, disk, network, NVIDIA GPUs;
+    None: not). ``record``: what logs to it (:class:`Recorder`); its start
+    and its end wait out an outage of the tracking server as long as the recorder does, and the end
+    comes after every record that waits."""
+    stopped, record = dict(stopped or {}), record or Recorder()
     # a password typed into a store URI would otherwise land in a param or the overrides tag
     tags = {key: stores.redact(value) for key, value in tags.items()}
-    active = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags,
-                              log_system_metrics=system_metrics)
+    if system_metrics is not None:
+        mlflow.set_system_metrics_sampling_interval(system_metrics)  # the monitor's setting: process-wide
+    active = record.now(lambda: mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags,
+                                                 log_system_metrics=system_metrics is not None))
     status = RunStatus.FAILED
     try:
-        mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v for key, v in params.items()})
+        record.now(lambda: mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v
+                                              for key, v in params.items()}))
         yield active
         status = RunStatus.FINISHED
     except tuple(stopped) as stop:
-        mlflow.set_tag(next(tag for kind, tag in stopped.items() if isinstance(stop, kind)), str(stop))
+        record(mlflow.set_tag, next(tag for kind, tag in stopped.items() if isinstance(stop, kind)), str(stop))
         status = RunStatus.KILLED
         raise
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
     finally:
-        try:
-            mlflow.end_run(RunStatus.to_string(status))
-        except LOST as err:  # the store went away: the exception on its way out is the one to see
-            log.error("MLflow run %s could not be ended %s: %s", active.info.run_id, RunStatus.to_string(status),
-                      stores.one_line(err))
-        else:
+        record(end_run, active.info.run_id, RunStatus.to_string(status))
+        record.settle()
+        if record.lost is None:
             log.info("MLflow run %s (%s) %s in %s", name, active.info.run_id, RunStatus.to_string(status),
                      stores.redact(mlflow.get_tracking_uri()))
+        else:  # the store went away: the exception on its way out, or finish's line, is the one to see
+            with contextlib.suppress(*LOST):  # one try, to take it off MLflow's stack: a next run can start
+                end_run(active.info.run_id, RunStatus.to_string(status))
+            log.error("MLflow run %s could not be ended %s: %s", active.info.run_id, RunStatus.to_string(status),
+                      record.lost)
+
+
+def end_run(run_id: str, status: str) -> None:
+    """End run ``run_id`` with ``status``: MLflow's ``end_run`` while it is the active run (its system
+    metrics stop too), else on the store alone (a try that took it off MLflow's stack of active runs
+    found the store away)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def tagging(tags: Mapping[str, str]) -> Iterator[None]:
+    """Every MLflow run this process starts in the block carries ``tags`` from its start, whoever
+    starts it (the task, launched again in this process: :mod:`mnist_sweep.reproduce`), through
+    MLflow's run context variable; a run's own tags of the same names win."""
+    before = os.environ.get(MLFLOW_RUN_CONTEXT.name)
+    os.environ[MLFLOW_RUN_CONTEXT.name] = json.dumps({**json.loads(before or "{}"), **tags})
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[MLFLOW_RUN_CONTEXT.name]
+        else:
+            os.environ[MLFLOW_RUN_CONTEXT.name] = before
+
+
+_TAKEN_AT: ContextVar[int | None] = ContextVar("taken_at", default=None)
+
+
+def taken_at() -> int:
+    """When the record being sent was taken (ms since the epoch; outside a record: now). Its metrics
+    carry that time, so a record sent again, after a try that landed but whose answer was lost,
+    lands once: MLflow's store keeps one point per key, time, step and value."""
+    return _TAKEN_AT.get() or get_current_time_millis()
+
+
+class Record:
+    """One call of a record function (``record(*args)``), taken now, sent now or later; ``result``
+    is what it returned once sent. An argument that is itself a Record stands for that one's result
+    (a record that waited: the model's id for its costs)."""
+
+    def __init__(self, record: Callable[..., Any], args: Sequence[Any]):
+        self.record, self.args, self.at = record, args, get_current_time_millis()
+        self.sent, self.result = False, None
+
+    def send(self) -> Any:
+        args = [arg.result if isinstance(arg, Record) else arg for arg in self.args]
+        token = _TAKEN_AT.set(self.at)
+        try:
+            self.result = self.record(*args)
+        finally:
+            _TAKEN_AT.reset(token)
+        self.sent = True
+        return self.result
 
 
 class Recorder:
-    """Logs to the active run until the tracking store stops answering, then drops the rest of
-    the run's records (each call would wait out its retries) so that training goes on and the
-    trial's result still reaches the study. ``lost`` says what failed first (None: nothing).
-    A full disk is raised: nothing more could be written, not even the run's model."""
+    """Logs to the active run, riding out an outage of a tracking server shorter than ``outage_s``.
 
-    def __init__(self) -> None:
+    When the server stops answering, training goes on: each record waits, in order, and lands once
+    the server answers again (a record asks it at most every ``PROBE_S``, so none waits out MLflow's
+    HTTP retries), and the run's end waits for them (:meth:`settle`) up to ``outage_s`` after the
+    server stopped answering. Past that, or for an embedded store, which no waiting brings back
+    (``stores.can_go_away``), or with ``outage_s`` 0, the run's records are dropped so that training
+    goes on and the trial's result still reaches the study; ``lost`` says what failed first (None:
+    nothing). A full disk is raised: nothing more could be written, not even the run's model. A
+    record sent twice lands once (:func:`taken_at`; the model: :func:`log_pytorch_model`).
+    """
+
+    def __init__(self, tracking_uri: str = "", outage_s: float = 0) -> None:
+        self.tracking_uri = tracking_uri
+        self.outage_s = outage_s if stores.can_go_away(tracking_uri) else 0
+        self.waiting: list[Record] = []
+        self.away_since = self.next_probe = 0.0  # (monotonic) the outage's start, the next question to the server
+        self.failure = ""  # what failed first in the outage
         self.lost: str | None = None
 
     def __call__(self, record: Callable[..., Any], *args: Any) -> Any:
-        """``record(*args)``'s result; None once the store is lost."""
+        """``record(*args)``'s result; while the server is away, a :class:`Record` of it, which a
+        later record may take as an argument; None once the records are lost."""
         if self.lost is not None:
             return None
-        try:
-            return record(*args)
-        except LOST as err:
-            if stores.disk_full(err):
-                raise
-            self.lost = f"{record.__name__}: {stores.one_line(err)}"
-            log.error("MLflow stopped answering (%s): this run records nothing more; training goes on", self.lost)
+        taken = Record(record, args)
+        if self.waiting:
+            self.waiting.append(taken)
+            if time.monotonic() >= self.next_probe:
+                self._resume()
+        else:
+            try:
+                taken.send()
+            except LOST as err:
+                self._away(taken, err)
+        return taken.result if taken.sent else None if self.lost else taken
+
+    def now(self, call: Callable[[], Any]) -> Any:
+        """``call()``, waiting out an outage of the server as long as the recorder would (the run's
+        start: nothing is trained yet, and nothing can be logged before it)."""
+        return stores.ride_out(call, "the MLflow store", self.tracking_uri, self.outage_s)
+
+    def settle(self) -> None:
+        """Wait until every record that waits has landed, up to ``outage_s`` after the server stopped
+        answering; past that, drop them, and ``lost`` says what failed."""
+        while self.waiting:
+            self._resume()
+            left = self.away_since + self.outage_s - time.monotonic()
+            if not self.waiting:
+                break
+            if left <= 0:
+                self._lose(f"for more than outage_s={self.outage_s:g} s")
+                break
+            time.sleep(min(stores.FIRST_PAUSE_S, left))
+
+    def _away(self, taken: Record, err: BaseException) -> None:
+        """The server did not take ``taken``: wait for it, or lose the records."""
+        if stores.disk_full(err):
+            raise err
+        self.failure = f"{taken.record.__name__}: {stores.one_line(err)}"
+        if not self.outage_s or not stores.gone(err):
+            self._lose("")
+            return
+        self.waiting, self.away_since = [taken], time.monotonic()
+        self.next_probe = self.away_since + PROBE_S
+        log.warning("MLflow stopped answering (%s): training goes on, and this run's records wait for it, up to "
+                    "outage_s=%g s", self.failure, self.outage_s)
+
+    def _resume(self) -> None:
+        """If the server answers, send the records that wait, in order, up to the first it does not take."""
+        self.next_probe = time.monotonic() + PROBE_S
+        if not answers(self.tracking_uri):
+            return
+        while self.waiting:
+            try:
+                self.waiting[0].send()
+            except LOST as err:
+                if stores.disk_full(err):
+                    raise
+                if not stores.gone(err):
+                    self.failure = f"{self.waiting[0].record.__name__}: {stores.one_line(err)}"
+                    self._lose("")
+                return
+            self.waiting.pop(0)
+        log.warning("MLflow answers again, after %.0f s: this run's records landed", time.monotonic() - self.away_since)
+
+    def _lose(self, how_long: str) -> None:
+        self.lost, self.waiting = self.failure, []
+        log.error("MLflow stopped answering%s (%s): this run records nothing more; training goes on",
+                  f" {how_long}" if how_long else "", self.lost)
 
 
-def watch_system(interval: float) -> None:
-    """Have MLflow sample this machine every ``interval`` seconds in the runs that ask
-    (``run(..., system_metrics=True)``): CPU %, memory, disk, network, NVIDIA GPUs (``system/…``).
-    Call it early: psutil's first CPU reading in a process is a meaningless 0.0 (a reading covers the
-    time since the last one), so one taken now makes the run's first sample cover the time since."""
-    import psutil  # only now: a run without system metrics does without it
-
-    mlflow.set_system_metrics_sampling_interval(interval)
-    psutil.cpu_percent()
+def answers(tracking_uri: str) -> bool:
+    """Whether the tracking server answers now: its health check, once, briefly."""
+    try:
+        return requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).ok
+    except requests.RequestException:
+        return False
 
 
 def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: Any) -> dict[str, Any]:
@@ -241,12 +384,12 @@ def git_commit(repo: Path) -> str | None:
 
 
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
-    mlflow.log_metrics(dict(metrics), step=epoch)
+    mlflow.log_metrics(dict(metrics), step=epoch, timestamp=taken_at())
 
 
 def log_check(step: int, accuracy: float) -> None:
     """An accuracy check inside an epoch (``step`` counts checks and epoch ends alike)."""
-    mlflow.log_metric("check_acc", accuracy, step=step)
+    mlflow.log_metric("check_acc", accuracy, step=step, timestamp=taken_at())
 
 
 def log_config(hydra_dir: Path) -> None:
@@ -280,7 +423,7 @@ def log_costs(measured: Mapping[str, float], model_id: str | None) -> None:
     of a study's candidates (and ``search_logged_models`` orders them by)."""
     if model_id is not None:  # first: the Models tab orders its metric columns as they came
         link_scores(mlflow.active_run().info.run_id, model_id)
-    mlflow.log_metrics(dict(measured), model_id=model_id)
+    mlflow.log_metrics(dict(measured), model_id=model_id, timestamp=taken_at())
 
 
 def link_scores(run_id: str, model_id: str) -> None:
@@ -320,7 +463,12 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str, 
     "pt2" (torch.export) loads without running a pickle and without this package or the model
     class: what a served or shared model should be. It costs more to write (the exporter is a heavy
     import; docs/benchmark.md), where "pickle" is fast but unpickles code at load and needs mnist_sweep.
+    Sent again (:class:`Recorder`), it exports no second model: the run keeps one.
     """
+    earlier = earlier_model(name)
+    if earlier is not None:
+        mlflow.set_tag(MODEL_URI_TAG, f"models:/{earlier.model_id}")
+        return earlier.model_id
     with torch.inference_mode():
         scores = model(torch.from_numpy(example)).numpy()
     info = mlflow.pytorch.log_model(
@@ -336,6 +484,23 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str, 
     )
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
     return info.model_id
+
+
+def earlier_model(name: str) -> mlflow.entities.LoggedModel | None:
+    """The active run's model ``name`` that an earlier try of its export made whole (the store took
+    it, and its answer, or the tag after it, was lost); None if none did. One that a try left
+    half-made (the store went away midway) is deleted: the export starts again, and the run keeps one."""
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    found = None
+    for model in client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'"):
+        if model.status == LoggedModelStatus.READY and found is None:
+            found = model
+        else:
+            client.delete_logged_model(model.model_id)
+    return found
 
 
 def log_feasibility(accuracy: float, objective: str, floor: float | None) -> None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace, TracebackType
+from typing import TypeVar
 
 import optuna
 import sqlalchemy
@@ -28,6 +30,7 @@ from optuna.trial import TrialState
 from mnist_sweep import stores
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run that trained it
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's MLflow parent run
@@ -55,26 +58,99 @@ class JobEnded(RuntimeError):
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int = 0) -> optuna.storages.RDBStorage:
+                 max_retry: int = 0, outage_s: float = 0, answered: bool = False) -> PatientStorage:
     """The study's database. With ``heartbeat_interval``, a trial whose heartbeat is older than
-    ``grace_period`` seconds is failed by the next worker, and re-queued up to ``max_retry`` times."""
-    with stores.opening("the study's database", url, "optuna.storage"), stores.lock(url), warnings.catch_warnings():
+    ``grace_period`` seconds is failed by the next worker, and re-queued up to ``max_retry`` times.
+    Its calls ride out an outage of a database server shorter than ``outage_s``; opening it does too
+    if it ``answered`` this worker before (a job's sweeper reached it), where a database that never
+    answered is an error at once."""
+    outage_s = outage_s if stores.can_go_away(url) else 0
+
+    def connect() -> PatientStorage:
+        with stores.lock(url):
+            return PatientStorage(
+                url,
+                engine_kwargs=stores.engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=functools.partial(requeue, max_retry=max_retry) if max_retry else None,
+                outage_s=outage_s,
+            )
+
+    with stores.opening("the study's database", url, "optuna.storage"), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable since 2.9
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=stores.engine_kwargs(url),
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=functools.partial(requeue, max_retry=max_retry) if max_retry else None,
-        )
+        return stores.ride_out(connect, "the study's database", url, outage_s if answered else 0)
+
+
+_CALLING = threading.local()  # a call made inside a patient call (Optuna's calls nest) waits in the outer one only
+
+
+class PatientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose every call rides out an outage of its database shorter than
+    ``outage_s`` (:func:`stores.ride_out`): a restart of the database server costs the sweeper and
+    its jobs a wait, not their trials. Optuna's calls each read or write in one transaction, which a
+    database that went away rolled back: a call tried again does its work once."""
+
+    def __init__(self, url: str, *, outage_s: float = 0, **kwargs: object):
+        self.outage_s = outage_s
+        self.back_at = -math.inf  # (monotonic) when it last answered again after an outage
+        super().__init__(url, **kwargs)
+
+    def patiently(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """``call(*args, **kwargs)``, riding out an outage of this database (any query on its engine)."""
+        if getattr(_CALLING, "now", False) or not self.outage_s:
+            return call(*args, **kwargs)
+        failed = []
+
+        def attempt() -> T:
+            try:
+                return call(*args, **kwargs)
+            except Exception as err:
+                if stores.gone(err):
+                    failed.append(err)
+                raise
+
+        _CALLING.now = True
+        try:
+            return stores.ride_out(attempt, "the study's database", self.url, self.outage_s)
+        finally:
+            _CALLING.now = False
+            if failed:
+                self.back_at = time.monotonic()
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # A live trial's heartbeat that an outage held up, as it held up this worker's calls, lands
+        # within an interval (and a pause of its own patience) after the database answers again:
+        # until then, a trial whose heartbeat looks stale may be alive
+        if time.monotonic() - self.back_at < (self.heartbeat_interval or 0) + stores.MAX_PAUSE_S:
+            return []
+        return self.patiently(super()._get_stale_trial_ids, study_id)
+
+
+def _patient(name: str) -> Callable[..., object]:
+    call = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(call)
+    def patient(self: PatientStorage, *args: object, **kwargs: object) -> object:
+        return self.patiently(call, self, *args, **kwargs)
+
+    return patient
+
+
+# Every call of Optuna's storage API that reaches the database (the rest only read the storage's settings)
+for _name in [*(n for n in vars(optuna.storages.BaseStorage) if not n.startswith("_")), "record_heartbeat"]:
+    if _name not in ("remove_session", "check_trial_is_updatable"):
+        setattr(PatientStorage, _name, _patient(_name))
 
 
 def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial, max_retry: int) -> None:
     """Queue a failed trial's params again, at most ``max_retry`` times for one set of params,
-    with Optuna's retry history (``failed_trial``, ``retry_history``). Optuna's own
-    RetryHeartbeatStaleTrialCallback cannot here: it records the params again with Optuna's current
-    distribution classes, and the study holds hydra-optuna-sweeper's (optuna 2's). The retry is
-    asked as an enqueued trial is: its params fixed, suggested with the sweeper's distributions."""
+    with Optuna's retry history (``failed_trial``, ``retry_history``). The retry is asked as an
+    enqueued trial is: its params fixed, suggested with the sweeper's distributions. Optuna's own
+    RetryHeartbeatStaleTrialCallback would record the params now that the study holds Optuna 5's
+    distribution classes, but it copies the failed trial's user attributes onto the retry: its
+    worker's host and pid (a worker on that host would fail the retry at once, its "job" gone,
+    before the retry's own job records itself), its MLflow run and why it failed."""
     history = [*failed.system_attrs.get("retry_history", []), failed.number]
     if len(history) > max_retry:
         return
@@ -331,14 +407,16 @@ class NoTrial:
 
 def join(study_name: str | None, number: int | None, storage_url: str | None, pruner: optuna.pruners.BasePruner,
          heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int,
-         deadline: float | None = None) -> JobTrial | NoTrial:
+         deadline: float | None = None, outage_s: float = 0) -> JobTrial | NoTrial:
     """The job's handle on trial ``number`` of ``study_name``, as its sweeper handed it (both None:
-    no study trial), with the sweep's ``deadline`` (Unix time; None: none)."""
+    no study trial), with the sweep's ``deadline`` (Unix time; None: none). The study's database
+    answered the sweeper that asked this trial: an outage of it shorter than ``outage_s``, now or
+    later, is waited out."""
     if number is None:
         return NoTrial()
     if not storage_url:
         raise StudyError("a study trial needs hydra.sweeper.storage: jobs reach the study through it")
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, outage_s=outage_s, answered=True)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
     except KeyError:
@@ -356,7 +434,8 @@ class MedianPruner(optuna.pruners.MedianPruner):
         storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps an RDBStorage in a cache
         if not isinstance(storage, optuna.storages.RDBStorage) or trial.last_step is None:
             return super().prune(study, trial)
-        return super().prune(CompletedAtStep(study, storage, trial.last_step), trial)
+        at_step = functools.partial(CompletedAtStep, study, storage, trial.last_step)
+        return super().prune(storage.patiently(at_step) if isinstance(storage, PatientStorage) else at_step(), trial)
 
 
 class CompletedAtStep:

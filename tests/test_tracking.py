@@ -6,6 +6,7 @@ import uuid
 
 import mlflow
 import pytest
+import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
@@ -39,6 +40,105 @@ def test_a_recorder_stops_recording_after_the_store_fails_and_says_what_failed()
         record(log_epoch, epoch)
     assert calls == [1, 2]  # nothing tried after the failure: each would wait out its retries
     assert record.lost.startswith("log_epoch: ") and "connection refused" in record.lost and "pw" not in record.lost
+
+
+class Server:
+    """A fake tracking server for a :class:`tracking.Recorder`: a record function that lands while it
+    is up and is refused while it is down, and its health check (``tracking.answers``)."""
+
+    def __init__(self, monkeypatch):
+        self.up, self.landed, self.tries = True, [], 0
+        monkeypatch.setattr(tracking, "answers", lambda uri: self.up)
+
+    def log(self, value, *rest):
+        self.tries += 1
+        if not self.up:
+            raise requests.ConnectionError("Connection refused")
+        self.landed.append((value, tracking.taken_at(), *rest))
+        return f"id-{value}"
+
+
+def test_while_the_server_is_away_records_wait_without_a_try_each_and_land_in_order_once_back(monkeypatch):
+    server = Server(monkeypatch)
+    monkeypatch.setattr(tracking, "PROBE_S", 0.0)  # a health check at every record
+    record = tracking.Recorder("http://tracking:5050", outage_s=60)
+    assert record(server.log, 1) == "id-1"
+    server.up = False
+    waiting = [record(server.log, 2), record(server.log, 3)]
+    model_id = record(server.log, 4)
+    record(server.log, "costs", model_id)  # a later record takes the result of one that waits
+    assert server.tries == 2 and server.landed[1:] == []  # only the record that met the outage tried
+    assert all(isinstance(each, tracking.Record) for each in [*waiting, model_id]) and record.lost is None
+    server.up = True
+    assert record(server.log, 5) == "id-5"
+    assert [landed[0] for landed in server.landed] == [1, 2, 3, 4, "costs", 5] and server.tries == 7
+    assert server.landed[4][2] == "id-4"
+    times = [landed[1] for landed in server.landed]
+    assert times == sorted(times) and times[1] == waiting[0].at  # each with the time it was taken, not sent
+
+
+def test_the_runs_end_waits_for_the_server_up_to_outage_s_then_drops_the_records(monkeypatch):
+    server = Server(monkeypatch)
+    back = tracking.Recorder("http://tracking:5050", outage_s=30)
+    server.up = False
+    back(server.log, 1)
+    checks = []
+    monkeypatch.setattr(tracking, "answers", lambda uri: checks.append(uri) or len(checks) >= 3)
+    server.up = True
+    back.settle()  # the server answers at the third health check
+    assert [landed[0] for landed in server.landed] == [1] and back.lost is None and len(checks) == 3
+
+    monkeypatch.setattr(tracking, "answers", lambda uri: False)
+    gone = tracking.Recorder("http://tracking:5050", outage_s=0.5)
+    server.up, server.tries = False, 0
+    gone(server.log, 2)
+    gone(server.log, 3)
+    gone.settle()
+    assert gone.lost.startswith("log: ") and "Connection refused" in gone.lost and not gone.waiting
+    assert gone(server.log, 4) is None and server.tries == 1  # only the first met the outage; nothing more is tried
+    # no patience for an embedded store: no waiting brings a sqlite file back
+    assert tracking.Recorder("sqlite:///mlflow.db", outage_s=60).outage_s == 0
+
+
+def test_a_record_sent_again_after_its_answer_was_lost_lands_once_and_the_run_keeps_one_model(tmp_path, monkeypatch):
+    """Against MLflow's own store: a metric whose first try landed, a model export cut short midway,
+    and one whose last step (its tag) was lost, each sent again once the "server" answers."""
+    store(tmp_path)
+    tracking.use_store(mlflow.get_tracking_uri(), "mnist_sweep", str(tmp_path / "artifacts"))
+    monkeypatch.setattr(tracking, "PROBE_S", 0.0)
+    monkeypatch.setattr(tracking, "answers", lambda uri: True)
+    record = tracking.Recorder("http://tracking:5050", outage_s=60)  # a server's patience, on a local store
+    lose_answer = {"log_epoch", "log_model_artifacts", "set_tag"}
+
+    def once_lost(name, call):
+        def flaky(*args, **kwargs):
+            if name == "log_model_artifacts" and name in lose_answer:  # cut short before it lands
+                lose_answer.discard(name)
+                raise requests.ConnectionError("Connection reset by peer")
+            done = call(*args, **kwargs)
+            if name in lose_answer and (name != "set_tag" or args[0] == tracking.MODEL_URI_TAG):
+                lose_answer.discard(name)  # it landed, but its answer was lost
+                raise requests.ConnectionError("Connection reset by peer")
+            return done
+        return flaky
+
+    monkeypatch.setattr(tracking, "log_epoch", once_lost("log_epoch", tracking.log_epoch))
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", once_lost("log_model_artifacts",
+                                                                       MlflowClient.log_model_artifacts))
+    monkeypatch.setattr(mlflow, "set_tag", once_lost("set_tag", mlflow.set_tag))
+    with tracking.run("flaky", {}, {}, record=record) as active:
+        for epoch in (1, 2):
+            record(tracking.log_epoch, epoch, {"test_acc": epoch / 10})
+        for _ in range(2):  # the first export is cut short, the second's tag lost: a third finds it whole
+            model_id = record(tracking.log_outputs, ConvNet([4]), torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
+        record(tracking.log_costs, {"param_count": 10.0}, model_id)
+    client = MlflowClient()
+    run = client.get_run(active.info.run_id)
+    assert run.info.status == "FINISHED" and record.lost is None and not lose_answer
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_acc")] == [(1, 0.1), (2, 0.2)]
+    (model,) = client.search_logged_models([run.info.experiment_id])  # the half-made one deleted, no second
+    assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}" and model.status == "READY"
+    assert len(client.get_metric_history(run.info.run_id, "param_count")) == 1
 
 
 def test_a_recorder_does_not_outlive_a_full_disk():

@@ -3,6 +3,7 @@ reports and at which step, when it stops, and how it ends."""
 
 import random
 import time
+import warnings
 
 import optuna
 import pytest
@@ -288,3 +289,22 @@ def test_a_pareto_trial_returns_accuracy_and_cost_infeasible_below_the_floor_and
     assert not trial.feasible(ended[tiny.number]) and trial.feasible(ended[small.number])
     # the champion: the cheapest feasible model, not the most accurate nor the cheapest of all
     assert trial.best_finished(study).number == small.number
+
+
+def test_a_pareto_trials_floor_is_optunas_own_constraint_which_its_sampler_and_front_read(storage):
+    """Trial.set_constraint, Optuna 5's constraint API (its samplers' constraints_func is deprecated
+    since 5.0): no deprecation warning, and Optuna's front and TPE sampler tell the infeasible apart."""
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(n_startup_trials=2, seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for accuracy, cost in ((0.995, 30000), (0.95, 1000), (0.991, 3000), (0.98, 500)):
+            done = job(study, storage)
+            done.trial.suggest_float("x", 0, 1)
+            done.complete(accuracy, cost, floor=0.99)
+        study.ask().suggest_float("x", 0, 1)  # TPE past its startup trials: it splits them by their constraints
+    ended = study.get_trials(states=[TrialState.COMPLETE])
+    assert [t.constraints for t in ended] == [{trial.FLOOR: pytest.approx(0.99 - a)} for a in (0.995, 0.95, 0.991, 0.98)]
+    # the cheap infeasible trials (1000, 500) would lead the front on cost; Optuna's front is feasible only
+    assert sorted(t.number for t in study.best_trials) == [0, 2]

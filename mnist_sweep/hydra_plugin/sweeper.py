@@ -26,23 +26,24 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import optuna
+import sqlalchemy.orm
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import OverrideParseException
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution,
+                                  distribution_to_json, json_to_distribution)
 from optuna.trial import TrialState
 
 from mnist_sweep import stores
 from mnist_sweep.cli import one_line_errors
 from mnist_sweep.config import ConfigError
 from mnist_sweep.registry import selection_metric
-from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, StudyError, best_finished, open_storage,
-                               trial_id, worker_gone)
+from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, PatientStorage, StudyError,
+                               best_finished, open_storage, trial_id, worker_gone)
 
 log = logging.getLogger("mnist_sweep.sweeper")
-# hydra-optuna-sweeper 1.3 still builds optuna 2's distribution classes; optuna 4 and 5 accept them.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"(hydra_plugins|optuna)\.")
 
 # Trials that count against the study-wide budget (max_trials): finished, or on their way.
 BUDGETED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -84,7 +85,8 @@ class StudySweeper(OptunaSweeperImpl):
                                  "other workers, reach the study through them (stores=server reads $OPTUNA_STORAGE)")
             deadline = time.time() + self.timeout if self.timeout else math.inf  # wall clock: jobs elsewhere read it
             space, fixed = self._search_space(arguments)
-            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry)
+            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry,
+                                   config.outage_s)
             points = [*self.enqueue, *best_points(storage, self.warm_start.study, self.warm_start.top)]
             check_points(points, space)  # before the study exists or any trial starts
             directions, pruner = self._get_directions(), self.pruner
@@ -95,8 +97,9 @@ class StudySweeper(OptunaSweeperImpl):
             study, created = open_study(storage, self.study_name, directions, pruner)
             if created:  # the dashboard and the plots name them, not "Objective 0"
                 name_metrics(study, [selection_metric(config.data.val_size > 0), config.sweep.cost])
-            log.info("study %s in %s (%s, pruner %s)", study.study_name, stores.redact(self.storage),
-                     "new" if created else f"{len(study.trials)} trials so far", type(self.pruner).__name__)
+            log.info("study %s in %s (%s, sampler %s, pruner %s)", study.study_name, stores.redact(self.storage),
+                     "new" if created else f"{len(study.trials)} trials so far", type(self.sampler).__name__,
+                     type(self.pruner).__name__)
             with stores.lock(self.storage):  # two workers starting together enqueue each point once
                 enqueue(study, points)
             self.tracker.open(study, created)
@@ -112,11 +115,23 @@ class StudySweeper(OptunaSweeperImpl):
             self.tracker.close(study, results, interrupted=False)
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, dict]:
-        """The distributions to search and the fixed overrides, as the plugin parses them."""
-        self._process_searchspace_config()
+        """The distributions to search (Optuna 5's classes) and the fixed overrides, as the plugin parses them."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the plugin's optuna 2 classes: converted below
+            self._process_searchspace_config()  # (the deprecated hydra.sweeper.search_space's, if any)
         space, fixed = parse_space([*self._parse_sweeper_params_config(), *arguments])
-        space = {**(self.search_space_distributions or {}), **space}
+        space = {**{k: current(v) for k, v in (self.search_space_distributions or {}).items()}, **space}
         return {k: v for k, v in space.items() if k not in fixed}, fixed
+
+    def _to_grid_sampler_choices(self, distribution: BaseDistribution) -> Any:
+        """The values a grid sampler tries for ``distribution``: the plugin's, for Optuna 5's classes
+        (the plugin knows only optuna 2's)."""
+        if isinstance(distribution, CategoricalDistribution):
+            return list(distribution.choices)
+        if isinstance(distribution, (FloatDistribution, IntDistribution)) and distribution.step and not distribution.log:
+            steps = int((distribution.high - distribution.low) // distribution.step)
+            return [distribution.low + i * distribution.step for i in range(steps)]
+        raise ValueError("GridSampler only supports discrete distributions.")
 
     def _run_batches(self, study: optuna.Study, storage: optuna.storages.RDBStorage, space: dict, fixed: dict,
                      interrupted: threading.Event, deadline: float) -> None:
@@ -176,26 +191,69 @@ class StudySweeper(OptunaSweeperImpl):
 
 def parse_space(overrides: list[str]) -> tuple[dict, dict]:
     """The distributions and the fixed values of ``overrides``, as the plugin parses them (the last
-    override of a key wins), one at a time: a range that Optuna or Hydra's grammar rejects is a
-    :class:`ConfigError` that names it."""
+    override of a key wins), one at a time, each distribution as Optuna 5's class (:func:`current`):
+    a range that Optuna or Hydra's grammar rejects is a :class:`ConfigError` that names it."""
     space, fixed = {}, {}
     for override in overrides:
         try:
-            its_space, its_fixed = create_params_from_overrides([override])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the plugin's optuna 2 classes: converted below
+                its_space, its_fixed = create_params_from_overrides([override])
         except (ValueError, OverrideParseException) as err:
             raise ConfigError(f"the search range {override} is one Optuna cannot search ({stores.one_line(err)}): "
                               "change it on the command line or in hydra.sweeper.params") from None
+        its_space = {key: current(distribution) for key, distribution in its_space.items()}
         space = {k: v for k, v in space.items() if k not in its_fixed} | its_space  # a key is searched or fixed,
         fixed = {k: v for k, v in fixed.items() if k not in its_space} | its_fixed  # as its last override says
     return space, fixed
 
 
-def best_points(storage: optuna.storages.RDBStorage, study_name: str | None, top: int) -> list[dict[str, Any]]:
+def current(distribution: BaseDistribution) -> BaseDistribution:
+    """``distribution`` as Optuna 5 keeps it: FloatDistribution, IntDistribution or
+    CategoricalDistribution. hydra-optuna-sweeper builds optuna 2's classes (UniformDistribution,
+    IntUniformDistribution, ...: deprecated, gone in Optuna 6), each a subclass of one of the first
+    two with the same range, log and step; a study that stored them warned at every load."""
+    for kind in (FloatDistribution, IntDistribution):
+        if isinstance(distribution, kind) and type(distribution) is not kind:
+            return kind(distribution.low, distribution.high, log=distribution.log, step=distribution.step)
+    return distribution
+
+
+def upgrade_distributions(storage: PatientStorage, study_name: str) -> int:
+    """Rewrite in Optuna 5's classes (:func:`current`) the params that study ``study_name`` holds in
+    optuna 2's, as this sweeper wrote them through the plugin before: Optuna records no param of one
+    class where the study holds another of the same name (``check_distribution_compatibility``), so
+    the study could not continue otherwise. Each param's range, log and step stay as they were.
+    Returns how many it rewrote."""
+    from optuna.storages._rdb import models  # Optuna's tables: one query finds the study's old params
+
+    def rewrite() -> int:
+        with sqlalchemy.orm.Session(storage.engine) as session, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # reading the old classes, to convert them
+            params = (session.query(models.TrialParamModel).join(models.TrialModel).join(models.StudyModel)
+                      .filter(models.StudyModel.study_name == study_name,
+                              models.TrialParamModel.distribution_json.like("%UniformDistribution%")).all())
+            for param in params:
+                param.distribution_json = distribution_to_json(current(json_to_distribution(param.distribution_json)))
+            session.commit()
+            return len(params)
+
+    rewritten = storage.patiently(rewrite)
+    if rewritten:
+        log.info("study %s: %d params upgraded from optuna 2's distribution classes to Optuna 5's", study_name,
+                 rewritten)
+    return rewritten
+
+
+def best_points(storage: PatientStorage, study_name: str | None, top: int) -> list[dict[str, Any]]:
     """The params of the ``top`` best completed trials of study ``study_name`` (``warm_start``; None:
-    none), best first; a multi-objective study gives its Pareto front's first ``top``."""
+    none), best first; a multi-objective study gives its Pareto front's first ``top``. A study that
+    holds optuna 2's distribution classes is upgraded (:func:`upgrade_distributions`), as any this
+    sweeper opens."""
     if study_name is None:
         return []
     try:
+        upgrade_distributions(storage, study_name)
         source = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise ConfigError(f"hydra.sweeper.warm_start.study={study_name}: no such study in the study's database; "
@@ -235,12 +293,14 @@ def enqueue(study: optuna.Study, points: Sequence[dict[str, Any]]) -> None:
         log.info("%d points queued first (hydra.sweeper.enqueue, hydra.sweeper.warm_start)", len(points))
 
 
-def open_study(storage: optuna.storages.RDBStorage, name: str, directions: list[str],
+def open_study(storage: PatientStorage, name: str, directions: list[str],
                pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, bool]:
-    """The study, and whether this worker created it (exactly one worker does: the name is unique)."""
+    """The study, and whether this worker created it (exactly one worker does: the name is unique).
+    A study that holds optuna 2's distribution classes is upgraded to Optuna 5's first."""
     try:
         return optuna.create_study(study_name=name, storage=storage, pruner=pruner, directions=directions), True
     except optuna.exceptions.DuplicatedStudyError:
+        upgrade_distributions(storage, name)
         return optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
 
 
