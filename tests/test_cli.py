@@ -77,6 +77,7 @@ def test_collection_is_deferred_only_when_the_module_is_the_program():
     (("mnist_sweep", "epochs=0"), "error: epochs must be >= 1, got 0"),
     (("mnist_sweep.data", "data.rooot=typo"), "error: Could not override 'data.rooot'."),
     (("mnist_sweep.evaluate",), "error: give one model_uri=URI: "),
+    (("mnist_sweep.reproduce", "run_id=latest"), "error: run_id=latest is not a run id, runs:/<run_id>/… or "),
     (("mnist_sweep.predict", "model_uri=models:/m@champion"), "error: give images=PATH: "),
     (("mnist_sweep.viewers", "teapot"), "error: name a server: ui, dashboard, model (got 'teapot')"),
     (("mnist_sweep.stack", "start", "pg_port=abc"), "error: pg_port must be a port number, 1 to 65535 (got 'abc')"),

@@ -53,14 +53,14 @@ def time_system_metrics(cfg, repeats: int) -> dict:
     train.set_threads(cfg.threads, parallel_workers=1)
     train_set, test_set = tensors.load(data.tensor_file(cfg.data.root), device)
     tracking.use_store(cfg.mlflow.tracking_uri, "bench-system-metrics", cfg.mlflow.artifact_root)
-    tracking.watch_system(cfg.mlflow.system_metrics_interval)
     seconds: dict[bool, list[float]] = {True: [], False: []}
     samples = []
     for i in range(repeats + 1):
         for monitored in (True, False):
             built = build(cfg, device, len(train_set))
             start = time.perf_counter()
-            with tracking.run("bench-system-metrics", {}, {}, system_metrics=monitored) as active:
+            sampled = cfg.mlflow.system_metrics_interval if monitored else None
+            with tracking.run("bench-system-metrics", {}, {}, system_metrics=sampled) as active:
                 fit(cfg, built, train_set, test_set)
             if i:  # the first pair is the warm-up
                 seconds[monitored].append(time.perf_counter() - start)
