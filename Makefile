@@ -48,7 +48,7 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000, one process; prints the links to t
 dashboard: $(STAMP)  ## optuna-dashboard on 127.0.0.1:8080: the sweep's study, live while it runs
 	$(PY) -m mnist_sweep.viewers dashboard $(ARGS)
 
-serve: $(STAMP)  ## serve a model on 127.0.0.1:5001, if it exists (MODEL=runs:/<run id>/model PORT=5002)
+serve: $(STAMP)  ## serve a model on 127.0.0.1:5001, if it exists: the digit pad at / and REST (MODEL=runs:/<run id>/model PORT=5002)
 	$(PY) -m mnist_sweep.viewers model model_uri=$(MODEL) port=$(PORT) $(ARGS)
 
 services: $(STAMP)  ## start PostgreSQL and an MLflow tracking server on 127.0.0.1 (data in outputs/services); prints the exports
@@ -66,7 +66,7 @@ slurm: $(STAMP)  ## start a one-node Slurm cluster on 127.0.0.1 (state in output
 slurm-stop: $(STAMP)  ## cancel its jobs and stop what make slurm started
 	$(PY) -m mnist_sweep.slurm stop $(ARGS)
 
-screenshots: $(STAMP)  ## remake the README's pictures in docs/ (needs chromium; a small real-MNIST sweep, ~5 min)
+screenshots: $(STAMP)  ## remake the README's pictures in docs/, the pad's too (needs chromium; a small real-MNIST sweep, ~5 min)
 	$(PY) docs/screenshots.py $(ARGS)
 
 .PHONY: help install data run sweep test test-fast bench ui dashboard serve services services-stop soak screenshots

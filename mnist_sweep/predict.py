@@ -18,6 +18,7 @@ from mnist_sweep import cli
 cli.defer_collection(__name__)
 
 from pathlib import Path
+from typing import BinaryIO
 
 import mlflow
 import numpy as np
@@ -95,15 +96,17 @@ def image_paths(args: list[str]) -> tuple[list[Path], list[str]]:
     return paths, errors
 
 
-def read(path: Path) -> np.ndarray:
-    """The image at ``path`` as MNIST pixels; raises ValueError naming the file if it cannot."""
+def read(source: Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """The image at ``source`` (a path, or an open binary file: the digit pad's drawing) as MNIST
+    pixels; raises ValueError naming it (``name``, else the path) if it cannot."""
+    name = source if name is None else name
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             return to_mnist(image)
     except Image.UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image (or a format PIL cannot read)") from None
+        raise ValueError(f"{name}: not an image (or a format PIL cannot read)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
+        raise ValueError(f"{name}: {getattr(err, 'strerror', None) or err}") from None
 
 
 @torch.inference_mode()

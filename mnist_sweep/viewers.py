@@ -1,6 +1,6 @@
 """``python -m mnist_sweep.viewers ui|dashboard|model [model_uri=URI] [port=N] [overrides]``: the
 viewers behind ``make ui``, ``make dashboard`` and ``make serve`` (the MLflow UI, optuna-dashboard,
-the model server).
+the model server with its digit pad).
 
 Each reads its store from the config (so ``paths.outputs=…`` and the other overrides reach it),
 says in one line where to look or what is missing, then becomes the server, on 127.0.0.1 only.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from mnist_sweep import cli
 from mnist_sweep.config import ConfigError, compose, split_args
@@ -92,24 +91,31 @@ def dashboard(storage: str, study_name: str, port: int) -> None:
 
 
 def model(tracking_uri: str, uri: str, port: int) -> None:
-    """Serve the model ``uri`` names, after checking that it exists: a missing champion is then one
-    line saying what to pass instead, not the model server's traceback."""
-    import mlflow
+    """Serve the model ``uri`` names, after checking that it exists (a missing champion is then one
+    line saying what to pass instead, not the model server's traceback): MLflow's scoring API and the
+    digit pad (:mod:`mnist_sweep.pad`), in this one process.
 
-    from mnist_sweep import registry
+    MLflow's own ``mlflow models serve`` starts uvicorn on its scoring app; here this process runs
+    that same app, with the pad's page and endpoint added, in uvicorn itself.
+    """
+    import mlflow
+    import uvicorn
+
+    from mnist_sweep import pad, registry
 
     mlflow.set_tracking_uri(tracking_uri)  # registry URIs resolve in this store
     model_uri, run_id = registry.resolve_model(uri, option="MODEL")
-    print(f"serving {uri} ({model_uri}, logged by run {run_id}) on http://{HOST}:{port}/invocations")
+    served = pad.app(mlflow.pyfunc.load_model(model_uri), f"{uri} ({model_uri}, logged by run {run_id})")
+    print(f"serving {uri} ({model_uri}, logged by run {run_id})\n"
+          f"  the digit pad: http://{HOST}:{port}/\n"
+          f"  REST: POST http://{HOST}:{port}/invocations (raw pixels) or http://{HOST}:{port}/digit (an image)")
     sys.stdout.flush()
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # mlflow starts uvicorn by name
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
-    os.execve(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-                               "--env-manager", "local", "--host", HOST, "--port", str(port)], env)
+    # no access log: the pad asks several times a second while a stroke is drawn
+    uvicorn.run(served, host=HOST, port=port, access_log=False)
 
 
 def main(argv: list[str]) -> int:
-    """Ctrl-C is how the dashboard stops (status 130); the other two exec their server."""
+    """Ctrl-C is how the dashboard and the model server stop (status 130); the UI execs its server."""
     server = argv[0] if argv else ""
     if server not in PORTS:
         raise ConfigError(f"name a server: {', '.join(PORTS)} (got {server!r})")
