@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import shutil
 import signal
 import subprocess
@@ -103,6 +102,9 @@ class Figures:
     failed: int
     trials_lost: int
     restarts: int
+    outage_exits: int = 0  # workers that ended on their own with an error: an outage longer than outage_s
+    restarted: int = 0  # trials failed and run again whose worker the soak did not kill (a store went away)
+    incomplete: int = 0  # COMPLETE trials whose run is not FINISHED with its final metrics (an invariant: 0)
 
     def lines(self) -> list[str]:
         states = " + ".join(f"{self.states.get(s, 0)} {s}" for s in ("COMPLETE", "PRUNED", "FAIL"))
@@ -112,7 +114,9 @@ class Figures:
                 f"({self.states.get('COMPLETE', 0) + self.states.get('PRUNED', 0)} finished in {self.minutes:.1f} min)",
                 f"faults injected: {self.faults_injected} of {self.faults_planned} planned; survived: "
                 f"{self.faults_survived}; worker restarts: {self.restarts}",
-                f"trials lost: {self.trials_lost} (of {self.failed} failed trials; the others ran again to the end)"]
+                f"trials lost: {self.trials_lost} (of {self.failed} failed trials; the others ran again to the end)",
+                f"outages: {self.outage_exits} workers ended by one, {self.restarted} trials restarted (not a killed "
+                f"worker's), {self.incomplete} complete trials whose run is incomplete"]
 
 
 # --------------------------------------------------------------------------- the invariants
@@ -121,22 +125,24 @@ class Figures:
 def check(study, client, experiment_id: str, secret: str, files: Iterable[Path], exits: Iterable[Exit] = (),
           champion: tuple[str, str] = ("mnist-cnn", "champion")) -> list[str]:
     """Every invariant of a soak (or any study on these stores) that does not hold, one line each:
-    the trials, their MLflow runs, the champion, the password ``secret`` (in no param, tag, or file
+    the trials, their MLflow runs (a complete trial's FINISHED with its final metrics), the champion, the password ``secret`` (in no param, tag, or file
     among ``files``: artifacts, logs), and the workers' ``exits`` (one that ended on its own with an
     error ends with one ``error:`` line)."""
-    from mlflow.entities import ViewType
-
     trials = study.get_trials(deepcopy=False)
-    runs = _all_runs(client, experiment_id, ViewType)
+    runs = study_runs(client, experiment_id)
     return [*trial_violations(trials), *run_violations(study.study_name, trials, runs),
+            *(f"complete trial {number}'s run {why}" for number, why in incomplete_runs(study.study_name, trials, runs)),
             *champion_violations(client, trials, runs, *champion),
             *secret_violations(secret, runs, files), *exit_violations(exits)]
 
 
-def _all_runs(client, experiment_id: str, view_type) -> list:
+def study_runs(client, experiment_id: str) -> list:
+    """Every run of the experiment, deleted ones too."""
+    from mlflow.entities import ViewType
+
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], run_view_type=view_type.ALL, max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], run_view_type=ViewType.ALL, max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
         if not token:
@@ -222,6 +228,36 @@ def run_violations(study_name: str, trials: list, runs: list) -> list[str]:
     return found
 
 
+def incomplete_runs(study_name: str, trials: list, runs: list) -> list[tuple[int, str]]:
+    """The COMPLETE trials whose one run is not FINISHED with its final metrics (the value the study
+    holds as its objective metric's latest, and its costs, logged last), as (trial number, why): its
+    last records were lost, or it could not be ended. A trial without exactly one run is
+    :func:`run_violations`' to report."""
+    from optuna.trial import TrialState
+
+    from mnist_sweep.registry import selection_metric
+    from mnist_sweep.tracking import STUDY_TAG, TRIAL_TAG
+
+    by_trial: dict[str, list] = {}
+    for run in runs:
+        if run.data.tags.get(STUDY_TAG) == study_name and TRIAL_TAG in run.data.tags:
+            by_trial.setdefault(run.data.tags[TRIAL_TAG], []).append(run)
+    found = []
+    for t in trials:
+        its = by_trial.get(str(t.number), [])
+        if t.state != TrialState.COMPLETE or len(its) != 1:
+            continue
+        run, objective = its[0], selection_metric(int(its[0].data.params.get("data.val_size", 0)) > 0)
+        metric = run.data.metrics.get(objective)
+        if run.info.status != "FINISHED":
+            found.append((t.number, f"{run.info.run_id} is {run.info.status}"))
+        elif metric is None or not math.isclose(metric, t.values[0], rel_tol=1e-6) or "param_count" not in (
+                run.data.metrics):
+            found.append((t.number, f"{run.info.run_id} lacks its final metrics ({objective} {metric}, the study "
+                                    f"holds {t.values[0]}; costs {'param_count' in run.data.metrics})"))
+    return found
+
+
 def champion_violations(client, trials: list, runs: list, name: str, alias: str) -> list[str]:
     """The champion is the run of the best finished trial that has a model (equal values are equally good)."""
     import mlflow
@@ -267,11 +303,16 @@ def exit_violations(exits: Iterable[Exit]) -> list[str]:
             for e in exits if not e.killed and e.status != 0 and not e.last_line.startswith("error: ")]
 
 
-def figures(trials: list, faults: list[Fault], planned: int, minutes: float, restarts: int) -> Figures:
+def figures(trials: list, faults: list[Fault], planned: int, minutes: float, restarts: int,
+            exits: Iterable[Exit] = (), killed: Iterable[int] = (), incomplete: int = 0) -> Figures:
     """What the soak did: its trials by state, trials/min, the faults injected and survived (after
-    which the study finished a trial), and the trials lost: points whose trial failed and that no
-    retry finished."""
+    which the study finished a trial), the trials lost (points whose trial failed and that no retry
+    finished), and what outages cost: the workers they ended (those among ``exits`` that ended on
+    their own with an error), the trials restarted whose worker was not ``killed`` (pids) by the
+    soak, and the ``incomplete`` count of :func:`incomplete_runs`."""
     from optuna.trial import TrialState
+
+    from mnist_sweep.trial import WORKER_ATTR
 
     states: dict[str, int] = {}
     for t in trials:
@@ -281,10 +322,13 @@ def figures(trials: list, faults: list[Fault], planned: int, minutes: float, res
     failed = [t for t in trials if t.state == TrialState.FAIL]
     lost = {params_key(t.params) for t in failed} - done_points
     survived = sum(any(t.datetime_complete and t.datetime_complete > f.back for t in finished) for f in faults)
+    killed = set(killed)
+    restarted = [t for t in failed if t.user_attrs.get(WORKER_ATTR, {}).get("pid") not in killed]
     return Figures(minutes=minutes, started=sum(states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")),
                    states=states, trials_per_min=len(finished) / minutes if minutes else 0.0, faults_planned=planned,
                    faults_injected=len(faults), faults_survived=survived, failed=len(failed), trials_lost=len(lost),
-                   restarts=restarts)
+                   restarts=restarts, outage_exits=sum(not e.killed and e.status != 0 for e in exits),
+                   restarted=len(restarted), incomplete=incomplete)
 
 
 # --------------------------------------------------------------------------- the soak
@@ -455,8 +499,6 @@ def soak(root: Path, plan: Plan, overrides: list[str],
     from mlflow import MlflowClient
 
     prepare_data(overrides)
-    # the study holds hydra-optuna-sweeper's optuna-2 distributions: Optuna warns on every load
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"optuna\.")
     if root.exists():
         stack.stop(root)  # a soak stopped midway may have left its servers running
         shutil.rmtree(root)
@@ -480,7 +522,10 @@ def soak(root: Path, plan: Plan, overrides: list[str],
                               "the study finished: more trials=, or a shorter every=")
         restarts = sum(slot.starts for slot in run.slots) - plan.workers
         trials = study.get_trials(deepcopy=False)
-        return violations, figures(trials, run.faults, len(plan.schedule()), minutes, restarts)
+        incomplete = incomplete_runs(STUDY, trials, study_runs(client, experiment))
+        killed = set().union(*(slot.killed for slot in run.slots))
+        return violations, figures(trials, run.faults, len(plan.schedule()), minutes, restarts, run.exits, killed,
+                                   len(incomplete))
     finally:
         for slot in run.slots:
             if slot.proc is not None and slot.proc.poll() is None:

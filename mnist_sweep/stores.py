@@ -152,8 +152,10 @@ def ride_out(call: Callable[[], T], what: str, uri: str, bound_s: float) -> T:
     """``call()``, riding out an outage of the store ``uri`` (``what`` it is) shorter than ``bound_s``
     seconds: while it raises an error that says the store is gone (:func:`gone`), wait and call again,
     saying so once, and once more when the store answers. Past the bound (counted from the first
-    failure), or for any other error, or a full disk, the error goes on. ``call`` must be safe to
-    repeat: a try that failed is tried again whole."""
+    failure), or for any other error, or a full disk, or a store that cannot go away
+    (:func:`can_go_away`), the error goes on. ``call`` must be safe to repeat: a try that failed is
+    tried again whole."""
+    bound_s = bound_s if can_go_away(uri) else 0
     began, pause = None, FIRST_PAUSE_S
     while True:
         try:

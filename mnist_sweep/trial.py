@@ -64,7 +64,6 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     Its calls ride out an outage of a database server shorter than ``outage_s``; opening it does too
     if it ``answered`` this worker before (a job's sweeper reached it), where a database that never
     answered is an error at once."""
-    outage_s = outage_s if stores.can_go_away(url) else 0
 
     def connect() -> PatientStorage:
         with stores.lock(url):
@@ -121,10 +120,9 @@ class PatientStorage(optuna.storages.RDBStorage):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         # A live trial's heartbeat that an outage held up, as it held up this worker's calls, lands
         # within an interval (and a pause of its own patience) after the database answers again:
-        # until then, a trial whose heartbeat looks stale may be alive
-        if time.monotonic() - self.back_at < (self.heartbeat_interval or 0) + stores.MAX_PAUSE_S:
-            return []
-        return self.patiently(super()._get_stale_trial_ids, study_id)
+        # until then (this very read may have waited for it), a trial whose heartbeat looks stale may be alive
+        stale = self.patiently(super()._get_stale_trial_ids, study_id)
+        return [] if time.monotonic() - self.back_at < (self.heartbeat_interval or 0) + stores.MAX_PAUSE_S else stale
 
 
 def _patient(name: str) -> Callable[..., object]:

@@ -116,7 +116,7 @@ def growth_measurements(report_s: dict[int, float]) -> dict:
     return {"study": sizes, "tracking": {"s": 0.8, "requests": 30, "server_cpu_s": 0.3, "db_cpu_s": 0.1}}
 
 
-def test_the_soak_rows_are_exactly_its_table_labels_and_judge_the_trials_lost():
+def test_the_soak_rows_are_exactly_its_table_labels_and_judge_the_trials_lost_and_what_outages_cost():
     from mnist_sweep.soak import Figures
 
     figures = Figures(minutes=5.0, started=62, states={"COMPLETE": 50, "PRUNED": 10, "FAIL": 2}, trials_per_min=12.0,
@@ -128,6 +128,11 @@ def test_the_soak_rows_are_exactly_its_table_labels_and_judge_the_trials_lost():
     assert lost["soak: trials lost"][1] == "0: not met" and lost["soak: invariants"][0] == "1 violated"
     assert list(table_rows(report.table(MACHINE, "cmd", report.SOAK_ROWS, rows))) == list(report.SOAK_ROWS)
 
+    outages = ("soak: workers ended by an outage", "soak: trials restarted by an outage",
+               "soak: complete trials with an incomplete run")
+    assert [rows[label][:2] for label in outages] == [("0", "0: met")] * 3
+    costly = report.soak_rows([], Figures(**{**vars(figures), "outage_exits": 12, "restarted": 8, "incomplete": 4}))
+    assert [costly[label][:2] for label in outages] == [("12", "0: not met"), ("8", "0: not met"), ("4", "0: not met")]
 
 def test_the_growth_rows_are_exactly_its_table_labels_and_judge_the_growth():
     rows = report.growth_rows(growth_measurements({100: 0.001, 1000: 0.002, 5000: 0.01}))

@@ -37,14 +37,15 @@ def trial(number: int, state: TrialState = TrialState.COMPLETE, lr: float | None
 
 
 def run(run_id: str, number: int | None, params: dict | None = None, status: str = "FINISHED", model: bool = False,
-        tags: dict | None = None):
+        tags: dict | None = None, metrics: dict | None = None):
     all_tags = {"optuna.study": "soak", **({} if number is None else {"trial": str(number),
                                                                       "mlflow.parentRunId": "parent"})}
     if model:
         all_tags["model_uri"] = f"models:/m-{run_id}"
     return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=run_id, status=status),
                            data=SimpleNamespace(params=params if params is not None else {}, tags={**all_tags,
-                                                                                                  **(tags or {})}))
+                                                                                                  **(tags or {})},
+                                                metrics=metrics or {}))
 
 
 def healthy() -> tuple[list, list]:
@@ -53,8 +54,9 @@ def healthy() -> tuple[list, list]:
     trials.append(trial(3, lr=trials[1].params["optim.lr"], retry_of=1, value=0.9))
     runs = [run("parent", None, status="FINISHED")]
     for t in trials:
+        final = {"test_acc": t.value, "param_count": 1000.0} if t.state == TrialState.COMPLETE else {}
         runs.append(run(f"run{t.number}", t.number, {"optim.lr": str(t.params["optim.lr"]), "epochs": "1"},
-                        "FAILED" if t.state == TrialState.FAIL else "FINISHED", model=t.number in (0, 2)))
+                        "FAILED" if t.state == TrialState.FAIL else "FINISHED", model=t.number in (0, 2), metrics=final))
     return trials, runs
 
 
@@ -72,7 +74,8 @@ class Registry:
 
 def violations(trials: list, runs: list, champion: str | None = "run2") -> list[str]:
     return [*soak.trial_violations(trials), *soak.run_violations("soak", trials, runs),
-            *soak.champion_violations(Registry(champion), trials, runs, "mnist-cnn", "champion")]
+            *soak.champion_violations(Registry(champion), trials, runs, "mnist-cnn", "champion"),
+            *(f"{number}: {why}" for number, why in soak.incomplete_runs("soak", trials, runs))]
 
 
 def test_a_healthy_study_violates_nothing():
@@ -96,7 +99,8 @@ def test_a_point_proposed_twice_or_a_retry_with_other_params_or_finished_twice()
     assert violations(trials, runs) == ["trial 3, a retry of trial 1, does not have its params"]
     trials, runs = healthy()
     trials.append(trial(4, lr=trials[1].params["optim.lr"], retry_of=1, value=0.9))  # a second retry, finished too
-    runs.append(run("run4", 4, {"optim.lr": str(trials[1].params["optim.lr"])}))
+    runs.append(run("run4", 4, {"optim.lr": str(trials[1].params["optim.lr"])},
+                    metrics={"test_acc": 0.9, "param_count": 1000.0}))
     assert violations(trials, runs) == ["trials 3 and 4 both finished the same params"]
 
 
@@ -111,7 +115,7 @@ def test_runs_missing_doubled_running_orphaned_or_without_the_trials_params():
     runs[1].info.status = "RUNNING"
     runs[0].info.status = "RUNNING"
     assert violations(trials, runs) == ["run parent (parent) is RUNNING at the end",
-                                        "run run0 (run0) is RUNNING at the end"]
+                                        "run run0 (run0) is RUNNING at the end", "0: run0 is RUNNING"]
     trials, runs = healthy()
     runs.append(run("stray", 7, {}))
     assert violations(trials, runs) == ["run stray is tagged with trial 7, which the study does not hold"]
@@ -121,6 +125,25 @@ def test_runs_missing_doubled_running_orphaned_or_without_the_trials_params():
     trials, runs = healthy()
     runs.append(run("parent2", None))
     assert violations(trials, runs) == ["the study has 2 parent runs, not one"]
+
+
+def test_a_complete_trials_run_is_finished_with_its_final_metrics():
+    """What a run whose last records fell into an outage looks like: not FINISHED, or without the
+    value the study holds, or without its costs."""
+    trials, runs = healthy()
+    runs[3].info.status = "FAILED"  # trial 2's: its end was lost
+    assert violations(trials, runs) == ["2: run2 is FAILED"]
+    trials, runs = healthy()
+    runs[3].data.metrics["test_acc"] = 0.9  # an earlier epoch's: the last one's was lost
+    del runs[1].data.metrics["param_count"]  # trial 0's costs were lost
+    assert violations(trials, runs) == [
+        "0: run0 lacks its final metrics (test_acc 0.8, the study holds 0.8; costs False)",
+        "2: run2 lacks its final metrics (test_acc 0.9, the study holds 0.95; costs True)"]
+    trials, runs = healthy()
+    for r in runs[1:]:  # with a validation split, the objective is val_acc
+        r.data.params["data.val_size"] = "5000"
+        r.data.metrics["val_acc"] = r.data.metrics.pop("test_acc", None)
+    assert violations(trials, runs) == []
 
 
 def test_the_champion_must_be_the_best_finished_trial_with_a_model():
@@ -161,9 +184,15 @@ def test_figures_count_faults_survived_and_points_lost():
     trials.append(trial(5, TrialState.PRUNED, value=0.5, minute=4))
     faults = [soak.Fault("kill_worker", START, START + timedelta(minutes=2), ""),
               soak.Fault("postgres", START, START + timedelta(minutes=9), "")]  # no trial finished after it
-    got = soak.figures(trials, faults, planned=3, minutes=2.0, restarts=4)
+    trials[1].user_attrs["worker"] = {"host": "h", "pid": 41}  # its worker the soak killed: not an outage's
+    trials[4].user_attrs["worker"] = {"host": "h", "pid": 42}  # its worker lost a store
+    exits = [soak.Exit("w0-1", -9, True, ""), soak.Exit("w1-1", 1, False, "error: ..."), soak.Exit("w1-2", 0, False, "")]
+    got = soak.figures(trials, faults, planned=3, minutes=2.0, restarts=4, exits=exits, killed={41}, incomplete=2)
     assert (got.started, got.failed, got.trials_lost, got.faults_injected, got.faults_survived) == (6, 2, 1, 2, 1)
     assert got.trials_per_min == 2.0 and got.states == {"COMPLETE": 3, "FAIL": 2, "PRUNED": 1}
+    assert (got.outage_exits, got.restarted, got.incomplete) == (1, 1, 2)
+    assert got.lines()[-1] == ("outages: 1 workers ended by one, 1 trials restarted (not a killed worker's), "
+                               "2 complete trials whose run is incomplete")
 
 
 def test_bad_arguments_are_one_line_each():
@@ -177,6 +206,9 @@ def test_bad_arguments_are_one_line_each():
 
 @pytest.mark.slow
 def test_a_short_soak_with_one_fault_of_each_kind_loses_nothing(tiny_mnist):
+    """Two workers through a kill -9, a tracking server restart and a PostgreSQL restart: nothing
+    lost, and the outages cost nothing (no worker ended, no trial restarted, every complete trial's
+    run whole). 60-90 s: the servers' start, and the tracking server's restart (10-25 s here)."""
     require(stack.postgres_bindir, "real servers")
     data_root, md5 = tiny_mnist
     parent = Path(tempfile.mkdtemp(prefix="mnist_sweep-soak-"))
@@ -191,6 +223,7 @@ def test_a_short_soak_with_one_fault_of_each_kind_loses_nothing(tiny_mnist):
         shutil.rmtree(parent)
     assert found == [], "\n".join([*lines, *found])
     assert figures.faults_injected == 3 and figures.trials_lost == 0
+    assert (figures.outage_exits, figures.restarted, figures.incomplete) == (0, 0, 0), "\n".join(lines)
     assert figures.states.get("COMPLETE", 0) + figures.states.get("PRUNED", 0) == 6
     assert [line.split(":")[1].split()[0] for line in lines if line.startswith("fault ")] == ["kill", "tracking",
                                                                                               "PostgreSQL"]

@@ -192,3 +192,46 @@ def test_a_database_that_stops_answering_is_one_line_naming_it_and_what_was_said
     with pytest.raises(ValueError), stores.answering("the study's database", uri):  # anything else goes through
         raise ValueError("bad data")
     assert stores.gone(refused) and stores.gone(requests.ConnectionError()) and not stores.gone(ValueError())
+
+
+def test_an_outage_is_ridden_out_up_to_its_bound_and_then_its_error_goes_on(monkeypatch):
+    slept = []
+    monkeypatch.setattr(stores.time, "sleep", slept.append)  # no real waiting; the bound runs on the clock below
+    clock = iter(range(0, 1000, 10))  # each failure 10 s later than the one before
+    monkeypatch.setattr(stores.time, "monotonic", lambda: next(clock))
+    refused = requests.ConnectionError("Connection refused")
+    answers = iter([refused, refused, "answered"])
+
+    def call():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert stores.ride_out(call, "the MLflow store", "http://u:pw@host:5050", 120) == "answered"
+    assert slept == [stores.FIRST_PAUSE_S, 2 * stores.FIRST_PAUSE_S]  # waits that grow
+    answers = iter([refused] * 20)
+    with pytest.raises(requests.ConnectionError):  # past 25 s: today's error
+        stores.ride_out(call, "the MLflow store", "http://host:5050", 25)
+    for not_an_outage, uri in ((ValueError("bad data"), "http://host:5050"),  # what was asked was wrong
+                               (refused, "sqlite:///outputs/mlflow.db")):  # a local file: no waiting brings it back
+        answers, slept[:] = iter([not_an_outage]), []
+        with pytest.raises(type(not_an_outage)):
+            stores.ride_out(call, "the MLflow store", uri, 120)
+        assert slept == []
+
+
+def test_a_database_that_never_answered_is_an_error_at_once_and_one_that_did_is_waited_for(monkeypatch):
+    """Nothing listens on the port: a worker's first contact fails at once, whatever outage_s says; a
+    job, whose sweeper reached the database just before (``answered``), waits out to the bound first."""
+    slept = []
+    monkeypatch.setattr(stores.time, "sleep", slept.append)
+    url = f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/optuna"
+    with pytest.raises(stores.StoreError, match="cannot reach the database"):
+        trial.open_storage(url, outage_s=120)
+    assert slept == []
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(stores.time, "monotonic", lambda: next(clock))
+    with pytest.raises(stores.StoreError, match="cannot reach the database"):
+        trial.open_storage(url, outage_s=30, answered=True)
+    assert len(slept) == 3  # 10, 20, 30 s after the first failure: then the bound

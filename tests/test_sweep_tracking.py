@@ -4,6 +4,7 @@ workers; a plain grid's parent. In-process on embedded stores, and one grid as a
 import mlflow
 import optuna
 import pytest
+import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
@@ -122,6 +123,19 @@ def test_a_store_that_stops_answering_stops_the_sweep_in_one_line(stores_, monke
     tracker.tracking_uri = mlflow.get_tracking_uri()
     with pytest.raises(stores.StoreError, match="stopped answering .*the study keeps its 1 finished trials"):
         tracker.check(study)
+    slept = []
+    monkeypatch.setattr(stores.time, "sleep", slept.append)
+    tracker.outage_s = 3600  # a restart of the server: the sweep waits for it before its next batch
+    answers = iter([requests.ConnectionError("Connection refused")] * 3 + [None])
+
+    def get_run(self, run_id):
+        answer = next(answers)
+        if answer is not None:
+            raise answer
+
+    monkeypatch.setattr(MlflowClient, "get_run", get_run)
+    tracker.check(study)
+    assert len(slept) == 3
 
 
 @pytest.mark.slow

@@ -823,7 +823,7 @@ def answers(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_the_study(
+def test_a_tracking_server_gone_longer_than_outage_s_stops_the_sweep_and_keeps_the_study(
         local_stack, overrides, name, tmp_path):
     port = free_port()
     server = subprocess.Popen(  # a tracking server of this test's own, to stop
@@ -836,8 +836,9 @@ def test_a_tracking_server_that_goes_away_mid_sweep_stops_the_sweep_and_keeps_th
         while not answers(f"http://127.0.0.1:{port}/health"):
             assert time.monotonic() < deadline, "the test's tracking server did not start"
             time.sleep(0.5)
+        # gone for good: past outage_s the worker stops, with today's one line
         proc = start(["-m", *server_args(overrides, name), "hydra.sweeper.n_trials=3", "epochs=4",
-                      "hydra/sweeper/pruner=none"], env)
+                      "hydra/sweeper/pruner=none", "outage_s=5"], env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # until trial 0 has logged its first epoch
             time.sleep(0.5)

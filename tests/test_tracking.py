@@ -2,6 +2,7 @@
 ends, a recorder that outlives its store."""
 
 import errno
+import os
 import uuid
 
 import mlflow
@@ -12,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
 from conftest import only_run, store
-from mnist_sweep import costs, stores, tracking
+from mnist_sweep import costs, stack, stores, tracking
 from mnist_sweep.config import compose
 from mnist_sweep.model import ConvNet
 
@@ -235,3 +236,35 @@ def test_logged_models_are_named_carry_their_scores_costs_and_params_and_sort_by
         # the run's own history keeps one point per epoch: the model's scores are those very points
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1, 2]
 
+
+
+@pytest.mark.slow  # the real tracking server, stopped while no other test uses it
+def test_a_run_rides_out_a_real_restart_of_its_tracking_server(stack_alone, caplog):
+    """The tracking server stopped mid-run: training's records wait without a try each, and land,
+    in order and once, when the run ends after the server is back (its start takes 10-25 s here)."""
+    tracking.bound_http(0, 8)
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    tracking.use_store(stack_alone.tracking_uri, name, None)
+    record = tracking.Recorder(stack_alone.tracking_uri, outage_s=300)
+    try:
+        with tracking.run("restarted", {"epochs": 3}, {}, record=record) as active:
+            record(tracking.log_epoch, 1, {"test_acc": 0.1})
+            stack.stop_mlflow(stack_alone.root)
+            for epoch in (2, 3):
+                record(tracking.log_epoch, epoch, {"test_acc": epoch / 10})
+            model_id = record(tracking.log_outputs, ConvNet([4]), torch.zeros(2, 1, 28, 28), "pickle", "shallow-4")
+            record(tracking.log_costs, {"param_count": 10.0}, model_id)
+            assert len(record.waiting) == 4  # all waiting: training went on
+            stack.start(stack_alone.root, stack_alone.host, stack_alone.pg_port, stack_alone.mlflow_port)
+    finally:
+        stack.start(stack_alone.root, stack_alone.host, stack_alone.pg_port, stack_alone.mlflow_port)
+        for variable in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT):
+            os.environ.pop(variable.name, None)  # leave other tests MLflow's defaults
+    client = MlflowClient(stack_alone.tracking_uri)
+    run = client.get_run(active.info.run_id)
+    assert run.info.status == "FINISHED" and record.lost is None and "MLflow answers again" in caplog.text
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_acc")] == [
+        (1, 0.1), (2, 0.2), (3, 0.3)]
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}"
+    assert run.data.metrics["param_count"] == 10.0 and {m.key for m in model.metrics} >= {"test_acc", "param_count"}

@@ -1,7 +1,9 @@
 """A job's side of its trial, on a real study database (no sweep, no training): joining it, what it
 reports and at which step, when it stops, and how it ends."""
 
+import math
 import random
+import threading
 import time
 import warnings
 
@@ -12,7 +14,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from conftest import ended_pid
-from mnist_sweep import trial
+from mnist_sweep import stack, trial
 from mnist_sweep.trial import JobTrial, NoTrial, StudyError, open_storage
 
 
@@ -308,3 +310,84 @@ def test_a_pareto_trials_floor_is_optunas_own_constraint_which_its_sampler_and_f
     assert [t.constraints for t in ended] == [{trial.FLOOR: pytest.approx(0.99 - a)} for a in (0.995, 0.95, 0.991, 0.98)]
     # the cheap infeasible trials (1000, 500) would lead the front on cost; Optuna's front is feasible only
     assert sorted(t.number for t in study.best_trials) == [0, 2]
+
+
+class Outage:
+    """The next ``statements`` statements on ``engine`` fail as a database that went away fails them."""
+
+    def __init__(self, engine: sqlalchemy.Engine, statements: float):
+        self.left = statements
+        sqlalchemy.event.listen(engine, "before_cursor_execute", self.refuse)
+
+    def refuse(self, *args: object) -> None:
+        if self.left > 0:
+            self.left -= 1
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_a_database_outage_shorter_than_outage_s_costs_a_trial_a_wait_and_a_longer_one_is_one_line(tmp_path,
+                                                                                                    monkeypatch):
+    monkeypatch.setattr(trial.stores, "FIRST_PAUSE_S", 0.01)
+    monkeypatch.setattr(trial.stores, "can_go_away", lambda uri: True)  # a database server, on a local file
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = trial.open_storage(url, outage_s=60)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize",
+                                pruner=trial.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
+    done = job(study, storage, epochs=2, checks=1)
+    done.report_epoch(1, {"test_acc": 0.5})
+    outage = Outage(storage.engine, 5)
+    done.report_epoch(2, {"test_acc": 0.6})  # its report and the pruner's read meet the outage, and wait
+    done.complete(0.6)
+    assert outage.left == 0
+    (ended,) = study.get_trials()
+    assert ended.state == TrialState.COMPLETE and ended.intermediate_values == {50: 0.5, 100: 0.6}  # each once
+
+    short = trial.open_storage(url, outage_s=0.2)
+    Outage(short.engine, math.inf)
+    with pytest.raises(trial.stores.StoreError, match="the study's database .* stopped answering .* this worker stops"):
+        with trial.stores.answering("the study's database", url):  # as the sweeper and its jobs run
+            optuna.load_study(study_name="s", storage=short).ask()
+    assert len(study.get_trials()) == 1
+
+
+def test_no_trial_looks_stale_until_an_interval_after_the_database_answered_again(tmp_path, monkeypatch):
+    """Its heartbeat, held up by the outage, lands within that interval: until then it may be alive."""
+    monkeypatch.setattr(trial.stores, "FIRST_PAUSE_S", 0.01)
+    monkeypatch.setattr(trial.stores, "can_go_away", lambda uri: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = trial.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1,
+                                     outage_s=60)
+        study = optuna.create_study(study_name="s", storage=storage)
+        silent = study.ask()
+        storage.record_heartbeat(trial.trial_id(silent))
+        time.sleep(2.5)  # past the grace period (heartbeats are stored to the second)
+        Outage(storage.engine, 2)
+        optuna.storages.fail_stale_trials(study)  # its first read meets the outage, then the database is back
+        assert study.get_trials()[0].state == TrialState.RUNNING
+        storage.back_at -= 1 + trial.stores.MAX_PAUSE_S  # an interval (and a pause) later
+        optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[0].state == TrialState.FAIL
+
+
+@pytest.mark.slow  # the real PostgreSQL, stopped while no other test uses it
+def test_a_trial_rides_out_a_real_restart_of_its_database(stack_alone, monkeypatch, caplog):
+    """PostgreSQL stopped (its sessions ended) and started again 3 s later, mid-trial: the job's
+    next report waits for it and lands once, and the trial completes. About 10 s."""
+    monkeypatch.setenv("PGPASSFILE", str(stack_alone.pgpass))
+    storage = open_storage(stack_alone.optuna_storage, outage_s=60)
+    study = optuna.create_study(study_name=f"restart-{time.time_ns()}", storage=storage, direction="maximize")
+    running = job(study, storage, epochs=2)
+    running.report_epoch(1, {"test_acc": 0.5})
+    stack.stop_postgres(stack_alone.root)
+    restart = threading.Timer(3, stack.start, (stack_alone.root, stack_alone.host, stack_alone.pg_port,
+                                               stack_alone.mlflow_port))
+    restart.start()
+    try:
+        running.report_epoch(2, {"test_acc": 0.6})  # while the database is down
+        running.complete(0.6)
+    finally:
+        restart.join()
+    (ended,) = study.get_trials()
+    assert ended.state == TrialState.COMPLETE and ended.intermediate_values == {50: 0.5, 100: 0.6}
+    assert "the study's database answers again" in caplog.text  # it did wait

@@ -63,8 +63,9 @@ ROWS = (  # every row of a full run, in order
     *(f"augment={name}: one epoch" for name in AUGMENTS),
 )
 SEARCH_ROWS = tuple(f"search target: {name}" for name in SEARCHES)  # what ``--search`` measures
-SOAK_ROWS = ("soak: faults injected and survived", "soak: trials lost", "soak: trials/min under faults",
-             "soak: invariants")  # what ``--soak`` measures
+SOAK_ROWS = ("soak: faults injected and survived", "soak: trials lost", "soak: workers ended by an outage",
+             "soak: trials restarted by an outage", "soak: complete trials with an incomplete run",
+             "soak: trials/min under faults", "soak: invariants")  # what ``--soak`` measures
 # The product's calls ``--growth`` times at each size of the study, by their names in bench.growth
 GROWTH_CALLS = {
     "join": "a job joins its trial (trial.join)",
@@ -370,7 +371,7 @@ def soak_rows(violations: list[str], figures) -> Rows:
             f"{figures.faults_survived} of {figures.faults_injected} survived", f"all {figures.faults_planned}",
             f"kill -9 a worker, the tracking server stopped, PostgreSQL restarted, in turn; "
             f"{figures.restarts} worker restarts"),
-        "soak: trials lost": (str(figures.trials_lost), "0: " + ("met" if figures.trials_lost == 0 else "not met"),
+        "soak: trials lost": (str(figures.trials_lost), zero(figures.trials_lost),
                               f"of {figures.failed} trials failed by a fault; {figures.started} started: "
                               f"{states.get('COMPLETE', 0)} complete, {states.get('PRUNED', 0)} pruned"),
         "soak: trials/min under faults": (f"{figures.trials_per_min:.1f} trials/min", "",
@@ -421,6 +422,11 @@ def write(table_text: str, quick: bool, out: Path, stamp: str) -> None:
     if quick:
         table_text += "\nQuick run: a smoke test of the benchmark, not a measurement.\n"
     print(table_text)
+def zero(count: int) -> str:
+    """A count's target, 0, and whether it was met."""
+    return "0: " + ("met" if count == 0 else "not met")
+
+
     (out / f"bench-{stamp}.md").write_text(table_text)
     (out / "latest.md").write_text(table_text)
     print(f"bench: wrote {out / f'bench-{stamp}.md'} and latest.md", file=sys.stderr)
@@ -432,6 +438,14 @@ def shipping_rows(runs: Mapping[str, dict]) -> Rows:
     the full schedule; ``--quick`` fills them with its short one."""
     rows, soft = {}, max((r for n, r in runs.items() if n.startswith("soft")), key=lambda r: r["budget"])
     deadlines = sorted((r for n, r in runs.items() if n.startswith("deadline")), key=lambda r: r["budget"])
+        "soak: workers ended by an outage": (
+            str(figures.outage_exits), zero(figures.outage_exits),
+            "outages of 3 s (and the tracking server's restart) within outage_s: each is waited out"),
+        "soak: trials restarted by an outage": (
+            str(figures.restarted), zero(figures.restarted), "failed and run again, not counting a killed worker's"),
+        "soak: complete trials with an incomplete run": (
+            str(figures.incomplete), zero(figures.incomplete),
+            "a run not FINISHED, or without its final metrics (an invariant)"),
     for label, run in zip(SHIPPING_ROWS, deadlines):
         limit = run["budget"] + 60
         rows[label] = (search_text(run)[0], target_text(f"<= {limit} s", run["seconds"], limit),
