@@ -11,11 +11,13 @@ import uuid
 import numpy as np
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from conftest import run_cli, runs_in
+from conftest import options, run_cli, runs_in
 from mnist_sweep import stack
 from mnist_sweep.bench import growth, phases, report
+from mnist_sweep.config import compose
 from mnist_sweep.trial import JobTrial, open_storage
 
 MACHINE = {"date": "2026-01-01 00:00 UTC", "CPU": "test"}
@@ -126,13 +128,13 @@ def test_the_soak_rows_are_exactly_its_table_labels_and_judge_the_trials_lost_an
     assert rows["soak: trials lost"][1] == "0: met" and rows["soak: invariants"][0] == "all hold"
     lost = report.soak_rows(["trial 3 is RUNNING at the end"], Figures(**{**vars(figures), "trials_lost": 1}))
     assert lost["soak: trials lost"][1] == "0: not met" and lost["soak: invariants"][0] == "1 violated"
-    assert list(table_rows(report.table(MACHINE, "cmd", report.SOAK_ROWS, rows))) == list(report.SOAK_ROWS)
-
     outages = ("soak: workers ended by an outage", "soak: trials restarted by an outage",
                "soak: complete trials with an incomplete run")
     assert [rows[label][:2] for label in outages] == [("0", "0: met")] * 3
     costly = report.soak_rows([], Figures(**{**vars(figures), "outage_exits": 12, "restarted": 8, "incomplete": 4}))
     assert [costly[label][:2] for label in outages] == [("12", "0: not met"), ("8", "0: not met"), ("4", "0: not met")]
+    assert list(table_rows(report.table(MACHINE, "cmd", report.SOAK_ROWS, rows))) == list(report.SOAK_ROWS)
+
 
 def test_the_growth_rows_are_exactly_its_table_labels_and_judge_the_growth():
     rows = report.growth_rows(growth_measurements({100: 0.001, 1000: 0.002, 5000: 0.01}))
@@ -357,16 +359,72 @@ def test_quick_growth_benchmark_times_every_call_at_each_size(overrides, tmp_pat
 
 
 @pytest.mark.slow
-def test_quick_search_benchmark_runs_each_target_search(overrides, tmp_path):
+def test_quick_search_benchmark_runs_each_sampler_and_the_prior(overrides, tmp_path):
+    """2-4 min: four 2-trial sweeps, each its own process and at most 30 s of trials (one per sampler,
+    and the default sampler with the prior). The model's size is left to the search: the prior's
+    points name it, and a point whose key the command line fixes is an error."""
     out = tmp_path / "bench"
-    done = run_cli("mnist_sweep.bench", "--quick", "--search", "--out", str(out), "--", *overrides, timeout=600)
+    searched = [o for o in overrides if not o.startswith(("model.channels=", "data.batch_size=", "epochs="))]
+    done = run_cli("mnist_sweep.bench", "--quick", "--search", "--out", str(out), "--", *searched,
+                   "mlflow.model_format=null", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = table_rows((out / "latest.md").read_text())
     assert list(rows) == list(report.SEARCH_ROWS)
+    for label in (*report.SAMPLER_ROWS.values(), report.PRIOR_ROW):
+        result, _, detail = rows[label]
+        assert re.fullmatch(r"best \d+\.\d\d%; 99\.5% at (\d+\.\d s|not reached)", result), (label, result)
+        seed = r"(^|; )seeds 0: [12] trials, \d pruned; first at >= 99\.5%: trial [01-]$"
+        assert re.search(seed, detail), (label, detail)
+    assert rows[report.PRIOR_ROW][2].startswith("against prior none (sampler tpe, the same seeds), medians: best ")
+    result, target, detail = rows[report.DEFAULT_TARGET_ROW]
+    assert re.match(r"\d+\.\d\d% in ", result) and target.startswith(">= 99.50%: ") and "augment=" in detail
+    storage = open_storage(f"sqlite:///{out / 'optuna.db'}")
+    (prior,) = [name for name in optuna.get_all_study_names(storage) if name.endswith("-tpe-known_good-0")]
+    points = OmegaConf.to_container(compose(["hydra/sweeper/prior=known_good"], with_hydra=True).hydra.sweeper.enqueue)
+    ran = [t.params for t in optuna.load_study(study_name=prior, storage=storage).trials]
+    assert ran and ran == points[:len(ran)]  # the prior's points were its first trials
+
+
+@pytest.mark.slow
+def test_quick_long_search_benchmark_runs_each_target_search(overrides, tmp_path):
+    out = tmp_path / "bench"
+    done = run_cli("mnist_sweep.bench", "--quick", "--long-search", "--out", str(out), "--", *overrides, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = table_rows((out / "latest.md").read_text())
+    assert list(rows) == list(report.LONG_SEARCH_ROWS)
     for label, (result, target, detail) in rows.items():
         assert re.match(r"\d+\.\d\d% ", result) and target.startswith(">= "), (label, result)
         assert detail.startswith("2 trials, ") and "augment=" in detail, (label, detail)  # its best trial's config
-    assert "(chosen on val_acc " in rows[report.SEARCH_ROWS[-1]][0]  # the test accuracy of its val choice
+    assert "(chosen on val_acc " in rows[report.LONG_SEARCH_ROWS[-1]][0]  # the test accuracy of its val choice
+
+
+def ten_minutes(seed: int, best: float, to_floor_s: float | None, trial: int | None) -> dict:
+    """One 10-minute search of --search, as its section hands it back (figures made up)."""
+    return {"seed": seed, "best": best, "best_test": best, "to_floor_s": to_floor_s, "floor_trial": trial,
+            "trials": 8, "pruned": 4, "seconds": 612.0, "best_params": {"model": "deep", "augment": "shift"}}
+
+
+def test_the_sampler_rows_are_exactly_the_search_labels_with_each_configurations_median_and_range():
+    assert set(report.SAMPLERS) == set(options("hydra/sweeper/sampler"))  # every option is compared, and only those
+    reached = [ten_minutes(0, 0.9955, 300.0, 4), ten_minutes(1, 0.9961, 200.0, 3), ten_minutes(2, 0.9958, 250.0, 5)]
+    runs = {("tpe", "none"): reached, ("tpe_short", "none"): reached,
+            ("gp", "none"): [*reached[:2], ten_minutes(2, 0.9940, None, None)],
+            ("tpe", "known_good"): [ten_minutes(seed, 0.9962, 90.0, 0) for seed in (0, 1, 2)]}
+    rows = report.search_rows(runs, ("tpe", "none"))
+    assert set(rows) == set(report.SEARCH_ROWS)
+    assert rows["10-minute search, sampler tpe"] == (
+        "best 99.58% (median of 3, 99.55-99.61%); 99.5% at 250.0 s (median of 3, 200.0-300.0)", "",
+        "seeds 0/1/2: 8/8/8 trials, 4/4/4 pruned; first at >= 99.5%: trial 4/3/5")
+    gp = rows["10-minute search, sampler gp"]
+    assert gp[0] == ("best 99.55% (median of 3, 99.40-99.61%); 99.5% at 250.0 s (median of 2, 200.0-300.0), "
+                     "1 of 3 not reached")
+    assert gp[2].endswith("trial 4/3/-")
+    prior = rows["10-minute search, prior known_good"]
+    assert prior[2].startswith("against prior none (sampler tpe, the same seeds), medians: best +0.04 pt, "
+                               "99.5% reached -160 s; seeds 0/1/2: ")
+    assert rows["search target: default -m, 10-minute budget"][:2] == ("99.55% in 10.2 min", ">= 99.50%: met")
+    never = report.search_rows(runs | {("tpe", "none"): runs[("gp", "none")]}, ("tpe", "none"))
+    assert "99.5% reached n/a" in never["10-minute search, prior known_good"][2]  # a seed without it never reached
 
 
 def test_the_shipping_rows_judge_the_deadline_and_the_cheapest_model_at_each_floor():

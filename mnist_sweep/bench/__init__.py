@@ -65,11 +65,20 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    99.0% after warm-up.
 7. Augmentation: one epoch of the bare loop per ``augment`` option, and the seconds its warps alone
    take over an epoch's batches.
-8. ``--search`` runs only the search targets, one after the other, each the command docs/sweeps.md
-   gives, spawn to exit on the real data: the default ``-m`` with a 10-minute budget (target >= 99.5% test
-   accuracy), ``hydra/sweeper=long`` (>= 99.65%), and the same with ``data.val_size=5000``, whose
-   best trial is chosen on val_acc and reported on test (>= 99.6%). Each row names its best trial's
-   config.
+8. ``--search`` runs only the samplers' comparison on the default search with a 10-minute budget
+   (``hydra.sweeper.timeout=600``), spawn to exit on the real data, on a fresh study each: every
+   option of ``hydra/sweeper/sampler`` (tpe, tpe_short, gp) without a prior, and the default sampler
+   with ``hydra/sweeper/prior=known_good``, each over ``--repeats`` sampler seeds from search.yaml's
+   (seed by seed, each seed's configurations one after the other). A row gives the median and range
+   of the best trial's test accuracy, and of the time from the sweep's spawn to the first finished
+   trial at >= 99.5% (its ``datetime_complete``; "not reached" when none); the prior's row gives the
+   shift of both medians against the default sampler without it (the same runs as that sampler's
+   row). The default configuration's first seed is exactly ``-m hydra.sweeper.timeout=600``: its
+   best trial is the 10-minute target row (>= 99.5% test accuracy), with its config. About 2 h 10 min.
+   ``--long-search`` runs only the long search targets, one after the other, each the command
+   docs/sweeps.md gives, spawn to exit on the real data: ``hydra/sweeper=long`` (>= 99.65%), and the
+   same with ``data.val_size=5000``, whose best trial is chosen on val_acc and reported on test
+   (>= 99.6%). Each row names its best trial's config. About 1 h 30 min.
 9. ``--growth`` runs only the study's cost as it grows, on a PostgreSQL and an MLflow server of the
    bench's own (as in 5.): a study is filled with synthetic finished trials of the default search
    (``growth``: its space as the sweeper parses it, a report at every percent step a job reports

@@ -16,8 +16,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="only the framework's overhead: imports, runs on an existing and a fresh store, their "
                              "profiles, the bare loop, per-trial overhead in a 1-worker sweep (minutes)")
     parser.add_argument("--search", action="store_true",
-                        help="only the search targets: the default -m for 10 minutes, hydra/sweeper=long, and "
-                             "hydra/sweeper=long with data.val_size=5000 (hours on a CPU)")
+                        help="only the 10-minute default search with each sampler (hydra/sweeper/sampler: tpe, "
+                             "tpe_short, gp), and the default sampler with the prior known_good, each over --repeats "
+                             "seeds (3: 12 searches, about 2 h 10 min); the default's first seed is its target row")
+    parser.add_argument("--long-search", action="store_true",
+                        help="only the long search targets: hydra/sweeper=long, and with data.val_size=5000 "
+                             "(about 1 h 30 min)")
     parser.add_argument("--growth", action="store_true",
                         help="only the study's cost as it grows: the product's calls on a PostgreSQL study of 100, "
                              "1,000 and 5,000 trials, and what one trial costs the database and the tracking server")
@@ -27,7 +31,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shipping", action="store_true",
                         help="only the model a user would ship: the default search against a deadline of 300 and "
                              "600 s and the soft budget, then a 20-minute Pareto search per cost (about 65 minutes)")
-    parser.add_argument("--repeats", type=int, default=3, help="times each recipe runs (alternating); default 3")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="times each recipe runs (alternating), and --search's seeds per configuration; default 3")
     parser.add_argument("--out", type=Path, help="where the table and the bench store go (default outputs/bench)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after `--` (e.g. data.root=DIR)")
     args = parser.parse_args(argv)
@@ -45,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = measure.setup((args.out or PROJECT_ROOT / "outputs" / "bench").resolve(), args.overrides, args.quick,
                           args.repeats)
     if args.search:
-        labels, rows = report.SEARCH_ROWS, measure.search_targets(bench)
+        labels, rows = report.SEARCH_ROWS, measure.sampler_searches(bench)
+    elif args.long_search:
+        labels, rows = report.LONG_SEARCH_ROWS, measure.search_targets(bench)
     elif args.soak:
         labels, rows = report.SOAK_ROWS, report.soak_rows(*measure.soak(bench))
     elif args.shipping:

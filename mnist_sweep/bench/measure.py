@@ -34,6 +34,8 @@ COST_MEASUREMENTS = 20  # latency measurements of one model in a row: their spre
 DEADLINES = (300, 600)  # s: the deadline searches' hydra.sweeper.timeout (target: over within T + 60 s)
 PARETO_S = 1200  # s: each Pareto search's budget, one per cost
 ENOUGH_TRIALS = "hydra.sweeper.n_trials=100000"  # a search the budget ends, not its trial count
+TEN_MINUTES = 600  # s: --search's budget, the README's `-m hydra.sweeper.timeout=600`
+QUICK_BUDGET_S = 30  # s: --search's budget with --quick (2 trials on the tiny data): a wide trial stops there
 PRUNE_TRIALS = 10  # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2   # a trial's length: pruning can save most of it
 
@@ -245,8 +247,56 @@ def soak(bench: Bench) -> tuple[list[str], object]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
+def ten_minute_search(bench: Bench, sampler: str, prior: str, seed: int) -> dict:
+    """The default search with ``sampler`` and ``prior`` (options of hydra/sweeper/sampler and /prior),
+    its sampler seeded with ``seed``, for ``TEN_MINUTES`` (--quick: 2 trials on the tiny data), spawn
+    to exit; with the seed, and its first trial at ``report.FLOOR``."""
+    name = f"bench-{bench.stamp}-{sampler}-{prior}-{seed}"
+    args = [f"hydra/sweeper/sampler={sampler}", f"hydra/sweeper/prior={prior}", f"hydra.sweeper.sampler.seed={seed}",
+            f"hydra.sweeper.timeout={QUICK_BUDGET_S if bench.quick else TEN_MINUTES}", ENOUGH_TRIALS]
+    say(f"the 10-minute search, sampler {sampler}, prior {prior}, seed {seed}")
+    started = datetime.now()  # as Optuna stamps trials: local time
+    run = time_sweep(name, args, bench.stores, bench.out, bench.user, 2 if bench.quick else None)
+    return run | {"seed": seed} | first_reaching(name, bench.stores, started, report.FLOOR)
+
+
+def first_reaching(study_name: str, stores: Stores, started: datetime, floor: float) -> dict:
+    """The first trial to finish at ``floor`` or above (finished as ``trial.best_finished`` counts:
+    completed, or stopped by the deadline and scored as it stood): its number and its seconds from
+    ``started`` (the sweep's spawn); None for both when none did."""
+    import optuna
+
+    from mnist_sweep.trial import DEADLINE_ATTR
+
+    trials = optuna.load_study(study_name=study_name, storage=stores.optuna_storage).get_trials(
+        deepcopy=False, states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED])
+    reached = [t for t in trials if (t.state == optuna.trial.TrialState.COMPLETE or DEADLINE_ATTR in t.user_attrs)
+               and t.value >= floor]
+    first = min(reached, key=lambda t: t.datetime_complete, default=None)
+    if first is None:
+        return {"floor_trial": None, "to_floor_s": None}
+    return {"floor_trial": first.number, "to_floor_s": (first.datetime_complete - started).total_seconds()}
+
+
+def sampler_searches(bench: Bench) -> report.Rows:
+    """``--search``: the 10-minute default search with each of ``report.SAMPLERS``, and the default
+    sampler with ``report.PRIOR``, over ``--repeats`` seeds from search.yaml's (seed after seed, each
+    seed's configurations one after the other, so drift on the machine reaches them alike). Without
+    a prior, the default sampler's runs serve both its row and the prior's comparison."""
+    from mnist_sweep.config import compose
+
+    hydra = compose([*bench.stores.run_overrides, *bench.user], with_hydra=True).hydra
+    default = (hydra.runtime.choices["hydra/sweeper/sampler"], hydra.runtime.choices["hydra/sweeper/prior"])
+    configurations = dict.fromkeys([*((sampler, "none") for sampler in report.SAMPLERS), (default[0], report.PRIOR)])
+    runs: dict[tuple[str, str], list[dict]] = {configuration: [] for configuration in configurations}
+    for seed in range(hydra.sweeper.sampler.seed, hydra.sweeper.sampler.seed + bench.repeats):
+        for sampler, prior in configurations:
+            runs[(sampler, prior)].append(ten_minute_search(bench, sampler, prior, seed))
+    return report.search_rows(runs, default)
+
+
 def search_targets(bench: Bench) -> report.Rows:
-    """Each of ``report.SEARCHES``, one after the other, as its target row."""
+    """``--long-search``: each of ``report.SEARCHES``, one after the other, as its target row."""
     rows = {}
     for i, (name, (search, target)) in enumerate(report.SEARCHES.items()):
         if bench.quick:  # 2 trials of 1 epoch; the tiny data has 320 training images, not 60,000
