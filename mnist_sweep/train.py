@@ -153,6 +153,7 @@ def fit(
     val_set: Split | None = None,
     augment: Augment = lambda images, generator: images,
     on_step: Callable[[float], None] = lambda done: None,
+    done: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Train for ``epochs``, each batch through ``augment``, evaluating on ``test_set`` (``test_acc``,
     ``test_loss``) and ``val_set`` if any (``val_acc``, ``val_loss``) after each epoch; returns
@@ -163,13 +164,16 @@ def fit(
     ends at step ``e * (checks_per_epoch + 1)``. ``on_step(done)`` runs after every batch with the
     epochs done so far (2.5: half of the third). A callback stops training by raising.
     Raises :class:`Diverged` as soon as the loss is not finite.
+
+    ``done``: the metrics of epochs already trained (a run continued from its checkpoint, whose state
+    the model, optimizer and scheduler already hold): training goes on with the next epoch.
     """
     device = train_set.labels.device
     fmt = memory_format(device)
     model.to(memory_format=fmt)
     progress = sys.stdout.isatty()
-    metrics: dict[str, float] = {}
-    for epoch in range(1, epochs + 1):
+    metrics: dict[str, float] = done[-1] if done else {}
+    for epoch in range(len(done or ()) + 1, epochs + 1):
         start = time.perf_counter()
         first_step = (epoch - 1) * (checks_per_epoch + 1)
 

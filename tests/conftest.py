@@ -188,11 +188,12 @@ def _start_slurm(root: Path) -> slurm.Cluster:
 
 
 def _make_mlflow_schema(root: Path) -> Path:
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
     db = root / "mlflow.db"
-    if not db.exists():
-        SqlAlchemyStore(f"sqlite:///{root / 'making.db'}", str(root / "artifacts"))
+    if not db.exists():  # in a process of its own: alembic's migration context is one per process,
+        # and a test of this process may be making a store of its own at the same moment
+        subprocess.run([sys.executable, "-c", "import sys; from mlflow.store.tracking.sqlalchemy_store import "
+                        "SqlAlchemyStore; SqlAlchemyStore(sys.argv[1], sys.argv[2])",
+                        f"sqlite:///{root / 'making.db'}", str(root / "artifacts")], check=True, capture_output=True)
         (root / "making.db").rename(db)  # whole, or not there
     return db
 
