@@ -329,10 +329,11 @@ def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: An
         "mlflow.source.git.commit": git_commit(PROJECT_ROOT) or "unknown",
         "torch.threads": str(threads),  # what threads=0 (auto) became
     }
-    parent = grid_parent(hydra_cfg.sweep.dir) if multirun else None
     if trial.number is not None:
         tags |= {TRIAL_TAG: str(trial.number), STUDY_TAG: trial.study_name}
         parent = trial.parent_run_id
+    else:  # (a study trial asks the store nothing here: one call fewer that an outage could meet)
+        parent = grid_parent(hydra_cfg.sweep.dir) if multirun else None
     config = OmegaConf.to_container(cfg, resolve=True)
     del config["optuna"]  # the trial's identity: tags, not params
     return {
