@@ -376,6 +376,8 @@ def test_quick_search_benchmark_runs_each_sampler_and_the_prior(overrides, tmp_p
         seed = r"(^|; )seeds 0: [12] trials, \d pruned; first at >= 99\.5%: trial [01-]$"
         assert re.search(seed, detail), (label, detail)
     assert rows[report.PRIOR_ROW][2].startswith("against prior none (sampler tpe, the same seeds), medians: best ")
+    for label in report.ASK_ROWS.values():
+        assert re.fullmatch(r"10 trials: \d+\.\d\d s; 40 trials: \d+\.\d\d s", rows[label][0]), (label, rows[label])
     result, target, detail = rows[report.DEFAULT_TARGET_ROW]
     assert re.match(r"\d+\.\d\d% in ", result) and target.startswith(">= 99.50%: ") and "augment=" in detail
     storage = open_storage(f"sqlite:///{out / 'optuna.db'}")
@@ -404,14 +406,16 @@ def ten_minutes(seed: int, best: float, to_floor_s: float | None, trial: int | N
             "trials": 8, "pruned": 4, "seconds": 612.0, "best_params": {"model": "deep", "augment": "shift"}}
 
 
-def test_the_sampler_rows_are_exactly_the_search_labels_with_each_configurations_median_and_range():
+def test_the_search_rows_are_exactly_its_labels_with_each_configurations_median_and_range():
     assert set(report.SAMPLERS) == set(options("hydra/sweeper/sampler"))  # every option is compared, and only those
     reached = [ten_minutes(0, 0.9955, 300.0, 4), ten_minutes(1, 0.9961, 200.0, 3), ten_minutes(2, 0.9958, 250.0, 5)]
     runs = {("tpe", "none"): reached, ("tpe_short", "none"): reached,
             ("gp", "none"): [*reached[:2], ten_minutes(2, 0.9940, None, None)],
             ("tpe", "known_good"): [ten_minutes(seed, 0.9962, 90.0, 0) for seed in (0, 1, 2)]}
+    asks = {name: {10: [0.05, 0.07, 0.06], 40: [0.4, 0.5, 0.6]} for name in report.SAMPLERS}
     rows = report.search_rows(runs, ("tpe", "none"))
-    assert set(rows) == set(report.SEARCH_ROWS)
+    assert set(rows | report.ask_rows(asks)) == set(report.SEARCH_ROWS)
+    assert report.ask_rows(asks)["sampler gp: one ask"][0] == "10 trials: 0.06 s; 40 trials: 0.50 s"
     assert rows["10-minute search, sampler tpe"] == (
         "best 99.58% (median of 3, 99.55-99.61%); 99.5% at 250.0 s (median of 3, 200.0-300.0)", "",
         "seeds 0/1/2: 8/8/8 trials, 4/4/4 pruned; first at >= 99.5%: trial 4/3/5")

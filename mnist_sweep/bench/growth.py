@@ -25,12 +25,11 @@ import optuna
 import sqlalchemy
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper.config import TPESamplerConfig
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from mnist_sweep import trial as jobs
-from mnist_sweep.config import PROJECT_ROOT
+from mnist_sweep.config import PROJECT_ROOT, compose
 from mnist_sweep.hydra_plugin import sweeper
 
 SIZES = (100, 1000, 5000)  # trials in the study when each round of timings runs
@@ -45,12 +44,13 @@ SWEEPER_CALLS = ("fail_stale_trials", "fail_abandoned", "room", "ask", "record_r
 
 
 def search_config() -> tuple[dict, optuna.pruners.BasePruner, dict, int]:
-    """The default search as the sweeper builds it: its distributions, the median pruner, the TPE
-    sampler's config, and a job's checks per epoch (conf/config.yaml)."""
+    """The default search as the sweeper builds it: its distributions, the median pruner, its
+    sampler's config (search.yaml's option of hydra/sweeper/sampler), and a job's checks per epoch
+    (conf/config.yaml)."""
     search = OmegaConf.load(SWEEPER_CONF / "search.yaml")
     space, _ = sweeper.parse_space([f"{key}={value}" for key, value in search.params.items()])
     pruner = instantiate(OmegaConf.load(SWEEPER_CONF / "pruner" / "median.yaml"))
-    sampler = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TPESamplerConfig), search.sampler))
+    sampler = OmegaConf.to_container(compose([], with_hydra=True).hydra.sweeper.sampler)
     checks = OmegaConf.load(PROJECT_ROOT / "conf" / "config.yaml").pruning.checks_per_epoch
     return space, pruner, sampler, checks
 

@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,7 @@ PARETO_S = 1200  # s: each Pareto search's budget, one per cost
 ENOUGH_TRIALS = "hydra.sweeper.n_trials=100000"  # a search the budget ends, not its trial count
 TEN_MINUTES = 600  # s: --search's budget, the README's `-m hydra.sweeper.timeout=600`
 QUICK_BUDGET_S = 30  # s: --search's budget with --quick (2 trials on the tiny data): a wide trial stops there
+ASK_SIZES = (10, 40)  # trials in the study when --search times each sampler's ask: a 10-minute search's, and more
 PRUNE_TRIALS = 10  # per pruner: enough past TPE's 6 random startup trials for pruning to matter
 PRUNE_EPOCHS = 2   # a trial's length: pruning can save most of it
 
@@ -278,6 +280,45 @@ def first_reaching(study_name: str, stores: Stores, started: datetime, floor: fl
     return {"floor_trial": first.number, "to_floor_s": (first.datetime_complete - started).total_seconds()}
 
 
+def sampler_asks(bench: Bench) -> dict[str, dict[int, list[float]]]:
+    """Each of ``report.SAMPLERS``' ask, in this process, on a study of synthetic finished trials of
+    the default search (``growth.fill``, in a sqlite file of the bench's) at each of ``ASK_SIZES``:
+    ``--repeats`` asks a size, seconds each."""
+    import numpy as np
+    import optuna
+    from hydra.utils import instantiate
+
+    from mnist_sweep.bench import growth
+    from mnist_sweep.config import compose
+
+    space, _, _, checks = growth.search_config()
+    storage = f"sqlite:///{bench.out / f'asks-{bench.stamp}.db'}"
+    asks: dict[str, dict[int, list[float]]] = {}
+    for name in report.SAMPLERS:
+        say(f"the {name} sampler's ask at {' and '.join(map(str, ASK_SIZES))} trials")
+        sampler = instantiate(compose([f"hydra/sweeper/sampler={name}"], with_hydra=True).hydra.sweeper.sampler)
+        study = optuna.create_study(study_name=f"asks-{name}", storage=storage, direction="maximize", sampler=sampler)
+        rng, asks[name] = np.random.default_rng(0), {}
+        for size in ASK_SIZES:
+            growth.fill(study, size, space, checks, rng)
+            asks[name][size] = [time_ask(study, space) for _ in range(bench.repeats)]
+    return asks
+
+
+def time_ask(study, space: dict) -> float:
+    """Seconds of one ask as the sweeper makes it (the trial, then its params), the trial then failed:
+    no sampler learns from a failed trial, so the next ask meets the same study."""
+    import optuna
+
+    start = time.perf_counter()
+    trial = study.ask()
+    for name, distribution in space.items():
+        trial._suggest(name, distribution)  # as the plugin's _configure_trials does
+    seconds = time.perf_counter() - start
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return seconds
+
+
 def sampler_searches(bench: Bench) -> report.Rows:
     """``--search``: the 10-minute default search with each of ``report.SAMPLERS``, and the default
     sampler with ``report.PRIOR``, over ``--repeats`` seeds from search.yaml's (seed after seed, each
@@ -289,10 +330,11 @@ def sampler_searches(bench: Bench) -> report.Rows:
     default = (hydra.runtime.choices["hydra/sweeper/sampler"], hydra.runtime.choices["hydra/sweeper/prior"])
     configurations = dict.fromkeys([*((sampler, "none") for sampler in report.SAMPLERS), (default[0], report.PRIOR)])
     runs: dict[tuple[str, str], list[dict]] = {configuration: [] for configuration in configurations}
+    asks = sampler_asks(bench)  # first: a minute, where a sampler that fails does so before hours of searches
     for seed in range(hydra.sweeper.sampler.seed, hydra.sweeper.sampler.seed + bench.repeats):
         for sampler, prior in configurations:
             runs[(sampler, prior)].append(ten_minute_search(bench, sampler, prior, seed))
-    return report.search_rows(runs, default)
+    return report.search_rows(runs, default) | report.ask_rows(asks)
 
 
 def search_targets(bench: Bench) -> report.Rows:

@@ -34,9 +34,10 @@ FLOOR = 0.995
 SAMPLERS = ("tpe", "tpe_short", "gp")
 PRIOR = "known_good"
 SAMPLER_ROWS = {name: f"10-minute search, sampler {name}" for name in SAMPLERS}
+ASK_ROWS = {name: f"sampler {name}: one ask" for name in SAMPLERS}
 PRIOR_ROW = f"10-minute search, prior {PRIOR}"
 DEFAULT_TARGET_ROW = "search target: default -m, 10-minute budget"  # the default configuration's first seed
-SEARCH_ROWS = (*SAMPLER_ROWS.values(), PRIOR_ROW, DEFAULT_TARGET_ROW)  # what ``--search`` measures
+SEARCH_ROWS = (*SAMPLER_ROWS.values(), *ASK_ROWS.values(), PRIOR_ROW, DEFAULT_TARGET_ROW)  # what ``--search`` measures
 # The long searches of issue 12's targets, each (its arguments, the test accuracy its best trial must
 # reach); each is the command docs/sweeps.md gives, spawn to exit, on the real data.
 SEARCHES = {
@@ -86,7 +87,7 @@ GROWTH_CALLS = {
     "fail_stale_trials": "sweeper: fail_stale_trials",
     "fail_abandoned": "sweeper: fail_abandoned",
     "room": "sweeper: room",
-    "ask": "sweeper: ask (TPE, multivariate)",
+    "ask": "sweeper: ask (the default search's sampler)",
     "record_returns": "sweeper: record_returns",
 }
 TRIAL_MINUTES = (1, 10)  # trial lengths the capacity rows are worked out for
@@ -403,6 +404,20 @@ def search_rows(runs: Mapping[tuple[str, str], list[dict]], default: tuple[str, 
     result, detail = configuration_text(with_prior)
     rows[PRIOR_ROW] = (result, "", f"{shift}; {detail}")
     rows[DEFAULT_TARGET_ROW] = search_target_text(runs[default][0], FLOOR, on_val=False)
+    return rows
+
+
+def ask_rows(asks: Mapping[str, Mapping[int, list[float]]]) -> Rows:
+    """Each sampler's ask at each study size: the median seconds, and their range."""
+    rows = {}
+    for name, sizes in asks.items():
+        times = list(sizes.values())
+        rows[ASK_ROWS[name]] = (
+            "; ".join(f"{size} trials: {statistics.median(s):.2f} s" for size, s in sizes.items()), "",
+            f"median of {len(times[0])} asks a size, ranges "
+            + ", ".join(f"{min(s):.2f}-{max(s):.2f} s" for s in times)
+            + "; the trial and its params, in the bench's process, on a sqlite study of synthetic finished trials "
+              "of the default search")
     return rows
 
 
