@@ -74,7 +74,10 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    trial at >= 99.5% (its ``datetime_complete``; "not reached" when none); the prior's row gives the
    shift of both medians against the default sampler without it (the same runs as that sampler's
    row). The default configuration's first seed is exactly ``-m hydra.sweeper.timeout=600``: its
-   best trial is the 10-minute target row (>= 99.5% test accuracy), with its config. About 2 h 10 min.
+   best trial is the 10-minute target row (>= 99.5% test accuracy), with its config. First, in this
+   process, each sampler's ask (the trial and its params, as the sweeper asks) on a sqlite study of
+   synthetic finished trials of the default search (``growth.fill``) at 10 and 40 trials: GPSampler
+   fits its Gaussian process at every ask. About 2 h 10 min.
    ``--long-search`` runs only the long search targets, one after the other, each the command
    docs/sweeps.md gives, spawn to exit on the real data: ``hydra/sweeper=long`` (>= 99.65%), and the
    same with ``data.val_size=5000``, whose best trial is chosen on val_acc and reported on test
