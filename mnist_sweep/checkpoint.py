@@ -57,7 +57,7 @@ def save(file: Path, history: list[dict[str, float]], model: nn.Module, optimize
         file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, partial)
         os.replace(partial, file)  # atomic: a reader sees the old file or the new one, never half
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
         partial.unlink(missing_ok=True)
         log.warning("checkpoint of epoch %d not written (%s): the one before stays; training goes on",
                     len(history), err)
@@ -88,3 +88,37 @@ def restore(file: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         return Resumed(int(state["epoch"]), list(state["history"]))
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise Unusable(f"{file} holds another model or training state ({str(err).splitlines()[0][:200]})") from None
+
+
+class Keeper:
+    """The checkpoints of one run: :meth:`save` after each epoch while it trains (when ``enabled``),
+    and around the run, the file is deleted once the run has ended (finished, pruned, stopped at its
+    deadline, diverged: nothing is left to continue) and kept when an error, a kill or a requeue cuts
+    it short. ``attach`` names the run, once its MLflow run exists."""
+
+    def __init__(self, folder: str | Path, enabled: bool):
+        self.folder, self.enabled = Path(folder), enabled
+        self.file: Path | None = None
+        self.history: list[dict[str, float]] = []
+
+    def attach(self, run_id: str) -> None:
+        self.file = path(self.folder, run_id)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler) -> list[dict[str, float]]:
+        """:func:`restore` of the attached run's file; returns the done epochs' metrics."""
+        self.history = restore(self.file, model, optimizer, scheduler).history
+        return self.history
+
+    def save(self, metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.history.append(metrics)
+        if self.enabled and self.file is not None:
+            save(self.file, self.history, model, optimizer, scheduler)
+
+    def __enter__(self) -> Keeper:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None and self.file is not None:
+            self.file.unlink(missing_ok=True)

@@ -50,9 +50,9 @@ class MlflowConfig:
     http_timeout: int = MISSING
     model_format: Optional[str] = "pt2"
     log_models: str = "best"
-
     system_metrics: bool = MISSING
     system_metrics_interval: float = MISSING
+
 
 @dataclass
 class SweepConfig:
@@ -75,6 +75,13 @@ class PruningConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = MISSING
+    dir: str = MISSING
+    resume: Optional[str] = None  # python -m mnist_sweep.resume sets it
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
@@ -87,9 +94,10 @@ class Config:
     seed: int = MISSING
     device: str = MISSING
     threads: int = MISSING
-    optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
     outage_s: float = MISSING
+    optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -174,15 +182,16 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.val_size", lambda v: v >= 0, ">= 0 (0: no validation split)"),
     ("epochs", lambda v: v >= 1, ">= 1"),
     ("threads", lambda v: v >= 0, ">= 0 (0 = every core)"),
+    ("outage_s", lambda v: v >= 0, ">= 0 seconds (0: a store that stops answering stops the worker at once)"),
     ("pruning.checks_per_epoch", lambda v: v >= 0, ">= 0"),
     ("pruning.check_images", lambda v: v >= 1, ">= 1"),
     ("device", lambda v: v.split(":")[0] in DEVICES, f"one of {', '.join(DEVICES)} (or cuda:N)"),
     ("mlflow.tracking_uri", lambda v: v is not None, "set (stores=server reads it from $MLFLOW_TRACKING_URI)"),
     ("mlflow.http_retries", lambda v: v >= 0, ">= 0"),
     ("mlflow.http_timeout", lambda v: v > 0, "> 0"),
-    ("outage_s", lambda v: v >= 0, ">= 0 seconds (0: a store that stops answering stops the worker at once)"),
     ("mlflow.model_format", lambda v: v in ("pt2", "pickle", None), "pt2, pickle or null"),
     ("mlflow.log_models", lambda v: v in ("best", "all"), "best or all"),
+    ("mlflow.system_metrics_interval", lambda v: v > 0, "> 0 (seconds between samples)"),
     ("sweep.cost", lambda v: v in COSTS, " or ".join(COSTS)),
     ("sweep.min_accuracy", lambda v: v is None or (_number(v) and 0 < v < 1), "null or in (0, 1)"),
 ]
@@ -191,7 +200,6 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 CROSS_RULES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
     ("optim.momentum", lambda cfg: not (cfg.optim.get("nesterov") and not cfg.optim.momentum),
      "optim.nesterov=true needs optim.momentum > 0"),
-    ("mlflow.system_metrics_interval", lambda v: v > 0, "> 0 (seconds between samples)"),
     ("optuna.trial", lambda cfg: (cfg.optuna.study is None) == (cfg.optuna.trial is None),
      "optuna.study and optuna.trial are set together (the study sweeper sets both)"),
 ]

@@ -46,6 +46,7 @@ REPRODUCES_TAG = "mnist_sweep.reproduces"  # on the new run: the id of the run i
 RECORDED = "hydra/overrides.yaml"  # what a run of python -m mnist_sweep was started with (tracking.log_config)
 TRIAL_IDENTITY = "optuna."  # the study, trial number and deadline the study sweeper gave a trial's job
 STATE = ("stores", "paths.outputs", "mlflow.tracking_uri", "mlflow.artifact_root")  # where a run writes
+CONTINUED = "checkpoint.resume"  # which run's checkpoint a run took up (mnist_sweep.resume): not trained again
 
 
 class NotReproducible(RuntimeError):
@@ -89,7 +90,7 @@ def as_single_run(recorded: list[str], threads: str | None) -> tuple[list[str], 
     kept, dropped = [], []
     for override in recorded:
         key = override.split("=", 1)[0].lstrip("+~")
-        (dropped if key.startswith(TRIAL_IDENTITY) or key in STATE else kept).append(override)
+        (dropped if key.startswith(TRIAL_IDENTITY) or key in (*STATE, CONTINUED) else kept).append(override)
     return kept + ([f"threads={threads}"] if threads else []), dropped
 
 
@@ -118,10 +119,10 @@ def check_data(run: Run, cfg: DictConfig) -> None:
     say("the data is as recorded: " + ", ".join(f"{name} {digest}" for name, digest in sorted(recorded.items())))
 
 
-def run_again(source: Run, extra: list[str], tag: str) -> Run:
+def run_again(source: Run, extra: list[str], tag: str | None) -> Run:
     """Train ``source`` again in this process: from its recorded overrides as one run
     (:func:`as_single_run`), then ``extra`` (they win), once they compose and its data is the data it
-    recorded. Returns the new run, tagged ``tag`` with the source's id from its start."""
+    recorded. Returns the run it trained, tagged ``tag`` (if any) with the source's id from its start."""
     from mnist_sweep.__main__ import launch  # only now: the task's imports (torch, the sweeper)
 
     overrides, dropped = as_single_run(recorded_overrides(source), source.data.tags.get("torch.threads"))
@@ -133,7 +134,7 @@ def run_again(source: Run, extra: list[str], tag: str) -> Run:
     check_data(source, composed(source, overrides))
     say(f"training run {source.info.run_id} ({source.info.run_name}) again: "
         f"python -m mnist_sweep {shlex.join(overrides)}")
-    with tracking.tagging({tag: source.info.run_id}):
+    with tracking.tagging({tag: source.info.run_id} if tag else {}):
         launch(overrides)
     return mlflow.last_active_run()
 

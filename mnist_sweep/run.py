@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mnist_sweep import costs, data, registry, stores, tensors, tracking, train, trial
+from mnist_sweep import checkpoint, costs, data, registry, stores, tensors, tracking, train, trial
 from mnist_sweep.cli import one_line_errors
 from mnist_sweep.config import ConfigError, validate
 
@@ -47,24 +48,30 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
     splits = load_splits(Path(cfg.data.root), dict(cfg.data.md5), device, cfg.data.val_size,
                          cfg.data.split_seed, cfg.pruning.check_images)
     threads = train.set_threads(cfg.threads, parallel_workers=hydra_cfg.launcher.get("n_jobs") or 1)
-    model, optimizer, scheduler, augment = build(cfg, device, len(splits.train))
+    built = build(cfg, device, len(splits.train))  # model, optimizer, scheduler, augment
     record = tracking.Recorder(cfg.mlflow.tracking_uri, cfg.outage_s)  # MLflow away mid-run: training goes on
-    with job:  # heartbeats; a crash fails the trial
+    keeper = checkpoint.Keeper(cfg.checkpoint.dir, cfg.checkpoint.enabled and cfg.epochs > 1)
+    continues = continued_run(cfg.checkpoint.resume or job.earlier_run, cfg.checkpoint.dir)
+    with job, keeper:  # heartbeats; a crash fails the trial; the checkpoint goes once the run has ended
         try:
             description = tracking.describe_run(cfg, hydra_cfg, threads, job)
             sampled = cfg.mlflow.system_metrics_interval if cfg.mlflow.system_metrics else None
-            with tracking.run(**description, stopped=STOPPED, system_metrics=sampled, record=record) as active:
+            with tracking.run(**description, stopped=STOPPED, system_metrics=sampled, record=record,
+                              continues=continues) as active:
                 job.attach_run(active.info.run_id)
-                # the config files first: a run killed midway can still be run again
-                record(tracking.log_config, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
-                record(tracking.log_datasets, splits.datasets)
-                metrics, deadline = train_until_done(cfg, job, record, model, optimizer, scheduler, augment, splits)
-                cost = log_results(cfg, hydra_cfg, job, record, model, splits.test, metrics[objective], objective)
+                keeper.attach(active.info.run_id)
+                if continues:
+                    built = resume(keeper, record, built, lambda: build(cfg, device, len(splits.train)))
+                else:  # the config files first: a run killed midway can still be run again
+                    record(tracking.log_config, Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
+                    record(tracking.log_datasets, splits.datasets)
+                metrics, deadline = train_until_done(cfg, job, record, keeper, *built, splits)
+                cost = log_results(cfg, hydra_cfg, job, record, built[0], splits.test, metrics[objective], objective)
                 if deadline is not None:
                     raise deadline  # the run ends KILLED with its `deadline` tag, its metrics and model kept
         except train.Diverged as err:
             log.error("run diverged: %s (returning %s 0.0)", err, objective)
-            cost = costs.measure(model, splits.test.images[:1])[cfg.sweep.cost]  # what a Pareto search weighs
+            cost = costs.measure(built[0], splits.test.images[:1])[cfg.sweep.cost]  # what a Pareto search weighs
             return job.complete(0.0, cost, cfg.sweep.min_accuracy)  # a finite worst score: NaN crashes the sweeper
         except trial.DeadlineReached as reached:
             log.info("%s (%s %.4f)", reached, objective, metrics[objective])
@@ -80,17 +87,18 @@ STOPPED = {trial.DeadlineReached: tracking.DEADLINE_TAG, optuna.TrialPruned: tra
 
 
 def train_until_done(cfg: DictConfig, job: trial.JobTrial | trial.NoTrial, record: tracking.Recorder,
-                     model: torch.nn.Module, optimizer, scheduler, augment, splits: Splits,
+                     keeper: checkpoint.Keeper, model: torch.nn.Module, optimizer, scheduler, augment, splits: Splits,
                      ) -> tuple[dict[str, float], trial.DeadlineReached | None]:
-    """Train to the end, reporting to MLflow and the trial (whose pruner may stop it); returns the
-    last metrics. Stopped by the sweep's deadline, the model is scored as it stands and the
-    :class:`trial.DeadlineReached` is returned too, for the run to end once its results are logged."""
-    on_epoch, on_check = report_to(record, job)
+    """Train to the end (after the epochs ``keeper`` holds), checkpointing each epoch, reporting to
+    MLflow and the trial (whose pruner may stop it); returns the last metrics. Stopped by the
+    sweep's deadline, the model is scored as it stands and the :class:`trial.DeadlineReached` is
+    returned too, for the run to end once its results are logged."""
+    on_epoch, on_check = report_to(record, job, lambda metrics: keeper.save(metrics, model, optimizer, scheduler))
     try:
         return train.fit(model, optimizer, scheduler, splits.train, splits.test, cfg.epochs, cfg.data.batch_size,
                          cfg.data.eval_batch_size, cfg.seed, on_epoch=on_epoch, checks_per_epoch=job.checks,
                          check_set=splits.check, on_check=on_check, val_set=splits.val, augment=augment,
-                         on_step=job.check_deadline), None
+                         on_step=job.check_deadline, done=list(keeper.history)), None
     except trial.DeadlineReached as reached:
         metrics = train.scores(model, splits.test, splits.val, cfg.data.eval_batch_size)
         record(tracking.log_epoch, math.ceil(reached.done), metrics)
@@ -112,6 +120,31 @@ def log_results(cfg: DictConfig, hydra_cfg: DictConfig, job: trial.JobTrial | tr
     if job.pareto:
         record(tracking.log_feasibility, value, objective, floor)
     return cost
+
+
+def continued_run(run_id: str | None, folder: str) -> str | None:
+    """``run_id`` (given with ``checkpoint.resume``, or the earlier run of a requeued or retried
+    trial) if it left a checkpoint in ``folder`` to continue from; else None: a new run."""
+    if run_id is None:
+        return None
+    if not checkpoint.path(folder, run_id).exists():
+        log.info("run %s left no checkpoint in %s: a new run trains from the first epoch", run_id, folder)
+        return None
+    return run_id
+
+
+def resume(keeper: checkpoint.Keeper, record: tracking.Recorder, built: tuple, rebuild: Callable[[], tuple]) -> tuple:
+    """``built`` (model, optimizer, scheduler, augment) in the state of the run's checkpoint, which
+    the run's ``resumed`` tag then names; built again from scratch if the checkpoint cannot be used
+    (one line says why: the run trains from its first epoch)."""
+    try:
+        keeper.restore(*built[:3])
+    except (FileNotFoundError, checkpoint.Unusable) as err:
+        log.warning("%s: the run trains again from its first epoch", err)
+        return rebuild()
+    log.info("continuing run %s after epoch %d, from %s", keeper.file.stem, len(keeper.history), keeper.file)
+    record(tracking.log_resumed, len(keeper.history))
+    return built
 
 
 def join_trial(cfg: DictConfig, sweeper: DictConfig, objective: str) -> trial.JobTrial | trial.NoTrial:
@@ -155,12 +188,13 @@ def load_splits(root: Path, md5: dict[str, str], device: torch.device, val_size:
     return Splits(train_set, val_set, test_set, check, data.datasets(root, md5, val_size, split_seed))
 
 
-def report_to(record: tracking.Recorder, job: trial.JobTrial | trial.NoTrial) -> tuple[
-        train.EpochCallback, train.CheckCallback]:
-    """Training's callbacks: each epoch's metrics and each check's accuracy go to MLflow, then to
-    the trial (whose pruner may stop the run)."""
+def report_to(record: tracking.Recorder, job: trial.JobTrial | trial.NoTrial,
+              save: Callable[[dict[str, float]], None]) -> tuple[train.EpochCallback, train.CheckCallback]:
+    """Training's callbacks: each epoch's metrics and each check's accuracy go to MLflow, the epoch's
+    state to ``save`` (the checkpoint), then both to the trial (whose pruner may stop the run)."""
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         record(tracking.log_epoch, epoch, metrics)
+        save(metrics)  # after its metrics: a run continued from this epoch has them in its history
         job.report_epoch(epoch, metrics)
 
     def on_check(step: int, accuracy: float) -> None:

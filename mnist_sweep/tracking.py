@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -50,6 +51,8 @@ TRIAL_TAG = "trial"  # ...and its trial number
 GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its jobs share
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
 FEASIBLE_TAG = "feasible"  # a Pareto search's trial: true, or false and why (its accuracy is below the floor)
+PROCESS_TAG = "process"  # host:pid of the process training the run: a resume refuses a run still running
+RESUMED_TAG = "resumed"  # a run taken up again from its checkpoint (a kill, a requeue): after which epoch
 DEADLINE_TAG = "deadline"  # where the sweep's deadline stopped the run (KILLED; its metrics and model kept)
 # The scores a logged model carries beside its costs (the last epoch's): the Models tab's columns
 MODEL_SCORES = ("test_acc", "test_loss", "val_acc", "val_loss")
@@ -118,12 +121,14 @@ def _create_experiment(name: str, artifact_root: str | None) -> mlflow.entities.
 @contextlib.contextmanager
 def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_run_id: str | None = None,
         stopped: Mapping[type[BaseException], str] | None = None,
-        system_metrics: float | None = None, record: Recorder | None = None) -> Iterator[mlflow.ActiveRun]:
+        system_metrics: float | None = None, record: Recorder | None = None,
+        continues: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C, and
     KILLED on an exception of ``stopped`` (type → tag), with that tag saying why (the first type that
     matches: a subclass before its base). ``system_metrics``: MLflow samples the machine into it
     every that many seconds while it runs (``system/…``: CPU %, memory, disk, network, NVIDIA GPUs;
-    None: not). ``record``: what logs to it (:class:`Recorder`); its start
+    None: not). ``continues``: the id of a run to take up again instead of a new one (its params
+    and parent are as it started; ``tags`` are set on it). ``record``: what logs to it (:class:`Recorder`); its start
     and its end wait out an outage of the tracking server as long as the recorder does, and the end
     comes after every record that waits."""
     stopped, record = dict(stopped or {}), record or Recorder()
@@ -131,12 +136,14 @@ def run(name: str, params: Mapping[str, Any], tags: Mapping[str, str], parent_ru
     tags = {key: stores.redact(value) for key, value in tags.items()}
     if system_metrics is not None:
         mlflow.set_system_metrics_sampling_interval(system_metrics)  # the monitor's setting: process-wide
-    active = record.now(lambda: mlflow.start_run(run_name=name, parent_run_id=parent_run_id, tags=tags,
+    active = record.now(lambda: mlflow.start_run(run_id=continues, run_name=name, tags=tags,
+                                                 parent_run_id=None if continues else parent_run_id,
                                                  log_system_metrics=system_metrics is not None))
     status = RunStatus.FAILED
     try:
-        record.now(lambda: mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v
-                                              for key, v in params.items()}))
+        if continues is None:  # a run's params are set once: a continued run's are those it started with
+            record.now(lambda: mlflow.log_params({key: stores.redact(v) if isinstance(v, str) else v
+                                                  for key, v in params.items()}))
         yield active
         status = RunStatus.FINISHED
     except tuple(stopped) as stop:
@@ -328,6 +335,7 @@ def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: An
         "hydra.output_dir": hydra_cfg.runtime.output_dir,
         "mlflow.source.git.commit": git_commit(PROJECT_ROOT) or "unknown",
         "torch.threads": str(threads),  # what threads=0 (auto) became
+        PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}",
     }
     if trial.number is not None:
         tags |= {TRIAL_TAG: str(trial.number), STUDY_TAG: trial.study_name}
@@ -336,6 +344,7 @@ def describe_run(cfg: DictConfig, hydra_cfg: DictConfig, threads: int, trial: An
         parent = grid_parent(hydra_cfg.sweep.dir) if multirun else None
     config = OmegaConf.to_container(cfg, resolve=True)
     del config["optuna"]  # the trial's identity: tags, not params
+    del config["checkpoint"]["resume"]  # which run a run continues: that run's own record
     return {
         "name": f"{choices['model']}-{choices['optim']}-lr{cfg.optim.lr:.3g}-bs{cfg.data.batch_size}",
         "params": {**choices, **flatten(config)},
@@ -386,6 +395,11 @@ def git_commit(repo: Path) -> str | None:
 
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
     mlflow.log_metrics(dict(metrics), step=epoch, timestamp=taken_at())
+
+
+def log_resumed(epoch: int) -> None:
+    """The run was taken up again from its checkpoint of ``epoch`` (its history goes on at the next)."""
+    mlflow.set_tag(RESUMED_TAG, f"after epoch {epoch}")
 
 
 def log_check(step: int, accuracy: float) -> None:
@@ -483,6 +497,9 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str, 
         # explicit requirements: inferring them imports and inspects the model (slow)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
+    # Logging a model makes it MLflow's active model, to which every metric logged later (the system
+    # metrics' sampler's too) is linked: the Models tab would show machine load as the model's score
+    mlflow.clear_active_model()
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
     return info.model_id
 

@@ -182,6 +182,16 @@ def worker_gone(trial: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
+def retried_run(storage: optuna.storages.RDBStorage, study_name: str, trial: optuna.trial.FrozenTrial) -> str | None:
+    """The MLflow run of the last failed trial that ``trial`` retries (its ``retry_history``), if any."""
+    history = trial.system_attrs.get("retry_history")
+    if not history:
+        return None
+    study_id = storage.get_study_id_from_name(study_name)
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, history[-1])).user_attrs.get(
+        RUN_ID_ATTR)
+
+
 FLOOR = "min_accuracy"  # the constraint a Pareto search's trials carry: sweep.min_accuracy - accuracy
 
 
@@ -273,6 +283,9 @@ class JobTrial:
         if found.user_attrs.get(WORKER_ATTR) != this_worker():  # a job in its sweeper's process: already there
             storage.set_trial_user_attr(trial_id(found), WORKER_ATTR, this_worker())
         self.objective, self.epochs, self.deadline = objective, epochs, deadline
+        # the MLflow run whose training this trial continues (from its checkpoint): its own, when its job
+        # ran before (a scheduler requeued it), else that of the trial it retries (max_retry), if any
+        self.earlier_run = found.user_attrs.get(RUN_ID_ATTR) or retried_run(storage, study.study_name, found)
         # intermediate checks only feed a pruner: without one they would cost time for nothing (a
         # Pareto search has none: Optuna's pruners, and its intermediate values, are for one objective)
         self.pareto = is_pareto(study)
@@ -374,7 +387,7 @@ class NoTrial:
     """A run that is no study trial (a single run, a plain grid's job): the same interface as
     :class:`JobTrial`, with nothing to report to and nothing to stop it."""
 
-    number = study_name = parent_run_id = None
+    number = study_name = parent_run_id = earlier_run = None
     checks = 0
     pareto = False
 
