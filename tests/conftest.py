@@ -103,6 +103,15 @@ def runs_in(outputs: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def checkpoint_epoch(outputs: Path, run_id: str | None) -> int | None:
+    """The epoch of run ``run_id``'s checkpoint under ``outputs`` (the default checkpoint.dir), if any."""
+    file = outputs / "checkpoints" / f"{run_id}.pt"
+    try:
+        return torch.load(file, weights_only=True)["epoch"]
+    except Exception:  # noqa: BLE001 - none yet, or being renamed into place this instant
+        return None
+
+
 def only_run(client: MlflowClient):
     (run,) = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id])
     return run

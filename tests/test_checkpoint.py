@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import runs_in
+from conftest import checkpoint_epoch, runs_in
 from mnist_sweep import checkpoint, resume, tracking
 from mnist_sweep.__main__ import launch
 from mnist_sweep.config import PROJECT_ROOT
@@ -98,12 +98,9 @@ def run_args(overrides: list[str]) -> list[str]:
     return [*overrides, "epochs=3", "data.batch_size=4", "model.dropout=0.2", "augment=shift", "optim.lr=0.05"]
 
 
-def saved_epoch(folder) -> int | None:
-    files = list(folder.glob("*.pt")) if folder.exists() else []
-    try:
-        return torch.load(files[0], weights_only=True)["epoch"] if files else None
-    except Exception:  # noqa: BLE001 - being renamed into place this instant
-        return None
+def only_run_id(outputs) -> str | None:
+    files = list((outputs / "checkpoints").glob("*.pt")) if (outputs / "checkpoints").exists() else []
+    return files[0].stem if files else None
 
 
 @pytest.mark.slow
@@ -117,15 +114,15 @@ def test_a_run_killed_inside_epoch_2_and_resumed_ends_exactly_as_the_run_never_k
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while saved_epoch(killed_outputs / "checkpoints") != 1:  # epoch 1 saved: epoch 2 is training
+        while checkpoint_epoch(killed_outputs, only_run_id(killed_outputs)) != 1:  # epoch 2 is training
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    assert saved_epoch(killed_outputs / "checkpoints") == 1  # killed inside epoch 2, before its checkpoint
     (cut,) = runs_in(killed_outputs)
+    assert checkpoint_epoch(killed_outputs, cut.info.run_id) == 1  # killed inside epoch 2, before its checkpoint
     assert cut.info.status == "RUNNING" and len(mlflow.MlflowClient(
         f"sqlite:///{killed_outputs / 'mlflow.db'}").get_metric_history(cut.info.run_id, "test_acc")) == 1
 

@@ -2,6 +2,7 @@
 whole sweeps as a user runs them, in subprocesses on the tiny data (slow; CI runs them), on sqlite
 and on the real shared stores (PostgreSQL and an MLflow server: the ``local_stack`` fixture)."""
 
+import contextlib
 import math
 import os
 import signal
@@ -28,8 +29,8 @@ from optuna.distributions import (CategoricalDistribution, DiscreteUniformDistri
                                   LogUniformDistribution, UniformDistribution)
 from optuna.trial import TrialState
 
-from conftest import (FINISHED, assert_each_job_ran_its_trial, assert_one_line_error, ended_pid, finish,
-                      load_study, run_cli, server_args, start, study_runs, sweep_here)
+from conftest import (FINISHED, assert_each_job_ran_its_trial, assert_one_line_error, checkpoint_epoch,
+                      ended_pid, finish, load_study, run_cli, server_args, start, study_runs, sweep_here)
 from hydra_plugins.mnist_sweep import sweeper
 from mnist_sweep import registry, tracking
 from mnist_sweep.config import PROJECT_ROOT, ConfigError
@@ -550,45 +551,47 @@ def test_a_lone_worker_replays_its_search_from_the_seed(overrides, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("restart,why", [
-    ("past the grace period", "no heartbeat"),  # what a worker on another machine goes by
-    ("at once", "ended mid-trial"),  # on the same machine: the killed process is gone (the default grace: 60 s)
-])
-def test_a_killed_worker_loses_nothing_once_another_worker_runs(overrides, tmp_path, restart, why):
-    heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"] if restart != "at once" else []
-    proc = start(["-m", *overrides, *heartbeat, "hydra.sweeper.n_trials=10", "epochs=30"])
+def test_a_killed_workers_trial_fails_at_once_and_its_retry_takes_up_its_run_from_the_checkpoint(overrides, tmp_path):
+    """kill -9 of a worker inside the second epoch of a 3-epoch trial, after a completed one. The next
+    worker on this machine fails the trial at once (its process is gone: no grace period to wait;
+    another machine's worker waits for the heartbeat: the PostgreSQL test), re-queues it
+    (max_retry), and the retry continues the killed trial's MLflow run after its checkpointed epoch."""
+    args = [*overrides, "epochs=3", "data.batch_size=4", "hydra/sweeper/pruner=none", "hydra.sweeper.max_retry=1"]
+    proc = start(["-m", *args, "hydra.sweeper.n_trials=10"])
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # wait for a completed trial and a running one with its run
-            time.sleep(0.5)
-            try:
+        while True:  # a completed trial, and the next one's epoch 1 checkpointed: epoch 2 is training
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial reached its second epoch"
+            time.sleep(0.01)
+            with contextlib.suppress(Exception):  # the store or the study is not there yet
                 trials = study(tmp_path).get_trials()
-            except Exception:  # the store or the study is not there yet
-                continue
-            states = [t.state for t in trials]
-            if optuna.trial.TrialState.COMPLETE in states and RUN_ID_ATTR in trials[-1].user_attrs \
-                    and states[-1] == optuna.trial.TrialState.RUNNING:
-                break
+                if TrialState.COMPLETE in {t.state for t in trials} and trials[-1].state == TrialState.RUNNING \
+                        and checkpoint_epoch(tmp_path / "outputs", trials[-1].user_attrs.get(RUN_ID_ATTR)) == 1:
+                    break
         proc.kill()  # SIGKILL: no handler runs
         proc.wait(timeout=60)
     finally:
         proc.kill()
     before = study(tmp_path).get_trials()
     killed = before[-1]
-    assert killed.state == optuna.trial.TrialState.RUNNING  # what a dead worker leaves behind
-    if heartbeat:
-        time.sleep(4)  # past the grace period
+    assert killed.state == TrialState.RUNNING  # what a dead worker leaves behind
 
-    sweep(overrides, *heartbeat, "hydra.sweeper.n_trials=1")
+    sweep(args, "hydra.sweeper.n_trials=1")
     after = study(tmp_path).get_trials()
-    assert optuna.trial.TrialState.RUNNING not in {t.state for t in after}
-    assert after[killed.number].state == optuna.trial.TrialState.FAIL
-    completed = [t.number for t in before if t.state == optuna.trial.TrialState.COMPLETE]
-    assert completed and all(after[n].state == optuna.trial.TrialState.COMPLETE for n in completed)
+    assert after[killed.number].state == TrialState.FAIL and "ended mid-trial" in after[killed.number].user_attrs[
+        FAILURE_ATTR]
+    completed = [t.number for t in before if t.state == TrialState.COMPLETE]
+    assert all(after[n].state == TrialState.COMPLETE for n in completed)
+    (retry,) = after[len(before):]
+    assert retry.system_attrs["retry_history"] == [killed.number] and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs[RUN_ID_ATTR] == killed.user_attrs[RUN_ID_ATTR]  # the same run, taken up again
     client, (parent,), children = runs(tmp_path)
+    continued = client.get_run(retry.user_attrs[RUN_ID_ATTR])
+    assert continued.info.status == "FINISHED" and continued.data.tags["trial"] == str(retry.number)
+    assert continued.data.tags[tracking.RESUMED_TAG] == "after epoch 1"
+    assert [m.step for m in client.get_metric_history(continued.info.run_id, "test_acc")] == [1, 2, 3]
+    assert continued.data.metrics["test_acc"] == pytest.approx(retry.value)
     assert "RUNNING" not in {k.info.status for k in children[parent.info.run_id]} | {parent.info.status}
-    orphan = client.get_run(killed.user_attrs[RUN_ID_ATTR])
-    assert orphan.info.status == "FAILED" and why in orphan.data.tags[FAILURE_TAG]
 
 
 @pytest.mark.slow  # two processes
@@ -781,7 +784,8 @@ def test_a_killed_worker_is_recovered_by_another(local_stack, overrides, name):
                    local_stack.env())
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # until its first trial runs and has its MLflow run
+        while True:  # until its first trial runs and has its MLflow run
+            assert doomed.poll() is None and time.monotonic() < deadline, "no trial started"
             time.sleep(0.5)
             try:
                 trials = load_study(local_stack, name).get_trials()
