@@ -46,6 +46,10 @@ POLL_S = 0.5
 TRIAL = ("model=shallow", "model.channels=[4,8]", "epochs=1", "augment=none", "threads=1", "device=cpu",
          "pruning.checks_per_epoch=1", "data.eval_batch_size=1000")
 MAX_RETRY = 3  # a trial a fault cut short runs again, with the same params, up to this often
+# How a worker's last line tells an outage past outage_s (stores.answering, MlflowStudy.check, run.finish)
+# from a start while a store was down (stores.opening's: a store that never answered this worker)
+OUTAGE_LINE = "stopped answering"
+REFUSED_LINES = ("error: cannot use ", "error: cannot reach ")
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ class Figures:
     failed: int
     trials_lost: int
     restarts: int
-    outage_exits: int = 0  # workers that ended on their own with an error: an outage longer than outage_s
+    outage_exits: int = 0  # workers a store's outage ended mid-sweep: one longer than outage_s
+    refused_at_start: int = 0  # workers that started while a store was down: an error at once, by design
     restarted: int = 0  # trials failed and run again whose worker the soak did not kill (a store went away)
     incomplete: int = 0  # COMPLETE trials whose run is not FINISHED with its final metrics (an invariant: 0)
 
@@ -115,8 +120,9 @@ class Figures:
                 f"faults injected: {self.faults_injected} of {self.faults_planned} planned; survived: "
                 f"{self.faults_survived}; worker restarts: {self.restarts}",
                 f"trials lost: {self.trials_lost} (of {self.failed} failed trials; the others ran again to the end)",
-                f"outages: {self.outage_exits} workers ended by one, {self.restarted} trials restarted (not a killed "
-                f"worker's), {self.incomplete} complete trials whose run is incomplete"]
+                f"outages: {self.outage_exits} workers ended by one ({self.refused_at_start} more refused at their "
+                f"start), {self.restarted} trials restarted (not a killed worker's), {self.incomplete} complete "
+                "trials whose run is incomplete"]
 
 
 # --------------------------------------------------------------------------- the invariants
@@ -307,9 +313,9 @@ def figures(trials: list, faults: list[Fault], planned: int, minutes: float, res
             exits: Iterable[Exit] = (), killed: Iterable[int] = (), incomplete: int = 0) -> Figures:
     """What the soak did: its trials by state, trials/min, the faults injected and survived (after
     which the study finished a trial), the trials lost (points whose trial failed and that no retry
-    finished), and what outages cost: the workers they ended (those among ``exits`` that ended on
-    their own with an error), the trials restarted whose worker was not ``killed`` (pids) by the
-    soak, and the ``incomplete`` count of :func:`incomplete_runs`."""
+    finished), and what outages cost: the workers they ended mid-sweep (among ``exits``; those
+    refused at their start are counted apart), the trials restarted whose worker was not ``killed``
+    (pids) by the soak, and the ``incomplete`` count of :func:`incomplete_runs`."""
     from optuna.trial import TrialState
 
     from mnist_sweep.trial import WORKER_ATTR
@@ -322,12 +328,13 @@ def figures(trials: list, faults: list[Fault], planned: int, minutes: float, res
     failed = [t for t in trials if t.state == TrialState.FAIL]
     lost = {params_key(t.params) for t in failed} - done_points
     survived = sum(any(t.datetime_complete and t.datetime_complete > f.back for t in finished) for f in faults)
-    killed = set(killed)
+    killed, ended = set(killed), [e for e in exits if not e.killed and e.status != 0]
     restarted = [t for t in failed if t.user_attrs.get(WORKER_ATTR, {}).get("pid") not in killed]
     return Figures(minutes=minutes, started=sum(states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")),
                    states=states, trials_per_min=len(finished) / minutes if minutes else 0.0, faults_planned=planned,
                    faults_injected=len(faults), faults_survived=survived, failed=len(failed), trials_lost=len(lost),
-                   restarts=restarts, outage_exits=sum(not e.killed and e.status != 0 for e in exits),
+                   restarts=restarts, outage_exits=sum(OUTAGE_LINE in e.last_line for e in ended),
+                   refused_at_start=sum(e.last_line.startswith(REFUSED_LINES) for e in ended),
                    restarted=len(restarted), incomplete=incomplete)
 
 

@@ -186,13 +186,16 @@ def test_figures_count_faults_survived_and_points_lost():
               soak.Fault("postgres", START, START + timedelta(minutes=9), "")]  # no trial finished after it
     trials[1].user_attrs["worker"] = {"host": "h", "pid": 41}  # its worker the soak killed: not an outage's
     trials[4].user_attrs["worker"] = {"host": "h", "pid": 42}  # its worker lost a store
-    exits = [soak.Exit("w0-1", -9, True, ""), soak.Exit("w1-1", 1, False, "error: ..."), soak.Exit("w1-2", 0, False, "")]
+    exits = [soak.Exit("w0-1", -9, True, ""), soak.Exit("w0-2", 0, False, ""),
+             soak.Exit("w1-1", 1, False, "error: the study's database postgresql://… stopped answering (…): this …"),
+             soak.Exit("w2-1", 1, False, "error: MLflow stopped answering during the run (…); it trained to …"),
+             soak.Exit("w2-2", 1, False, "error: cannot use the MLflow store http://…: API request … failed")]
     got = soak.figures(trials, faults, planned=3, minutes=2.0, restarts=4, exits=exits, killed={41}, incomplete=2)
     assert (got.started, got.failed, got.trials_lost, got.faults_injected, got.faults_survived) == (6, 2, 1, 2, 1)
     assert got.trials_per_min == 2.0 and got.states == {"COMPLETE": 3, "FAIL": 2, "PRUNED": 1}
-    assert (got.outage_exits, got.restarted, got.incomplete) == (1, 1, 2)
-    assert got.lines()[-1] == ("outages: 1 workers ended by one, 1 trials restarted (not a killed worker's), "
-                               "2 complete trials whose run is incomplete")
+    assert (got.outage_exits, got.refused_at_start, got.restarted, got.incomplete) == (2, 1, 1, 2)
+    assert got.lines()[-1] == ("outages: 2 workers ended by one (1 more refused at their start), 1 trials restarted "
+                               "(not a killed worker's), 2 complete trials whose run is incomplete")
 
 
 def test_bad_arguments_are_one_line_each():

@@ -455,7 +455,8 @@ def soak_rows(violations: list[str], figures) -> Rows:
                               f"{states.get('COMPLETE', 0)} complete, {states.get('PRUNED', 0)} pruned"),
         "soak: workers ended by an outage": (
             str(figures.outage_exits), zero(figures.outage_exits),
-            "outages of 3 s (and the tracking server's restart) within outage_s: each is waited out"),
+            f"outages within outage_s are waited out; {figures.refused_at_start} more refused at their start "
+            "(a store down then: an error at once, by design)"),
         "soak: trials restarted by an outage": (
             str(figures.restarted), zero(figures.restarted), "failed and run again, not counting a killed worker's"),
         "soak: complete trials with an incomplete run": (
