@@ -67,6 +67,11 @@ logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: record.exc_i
 # MLflow's system metrics monitor says at INFO that it starts, finds no GPU, stops and has stopped:
 # four lines a run that say nothing; its warnings (the store went away) still show
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+# MLflow's loggers write through a handler of their own (they do not propagate to Hydra's, which
+# redact): its warnings quote the store's URL, password and all ("Failed to get mlflow run: API
+# request to http://user:password@host/… failed", the monitor's, while the server is away)
+for _handler in logging.getLogger("mlflow").handlers:
+    _handler.addFilter(stores.Redact())
 
 
 def bound_http(retries: int, timeout: int) -> None:

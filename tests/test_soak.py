@@ -211,7 +211,8 @@ def test_bad_arguments_are_one_line_each():
 def test_a_short_soak_with_one_fault_of_each_kind_loses_nothing(tiny_mnist):
     """Two workers through a kill -9, a tracking server restart and a PostgreSQL restart: nothing
     lost, and the outages cost nothing (no worker ended, no trial restarted, every complete trial's
-    run whole). 60-90 s: the servers' start, and the tracking server's restart (10-25 s here)."""
+    run whole). 60-120 s: the servers' start, and the tracking server's restart (10-40 s on a loaded
+    2-core machine), which the workers wait out."""
     require(stack.postgres_bindir, "real servers")
     data_root, md5 = tiny_mnist
     parent = Path(tempfile.mkdtemp(prefix="mnist_sweep-soak-"))

@@ -268,3 +268,13 @@ def test_a_run_rides_out_a_real_restart_of_its_tracking_server(stack_alone, capl
     (model,) = client.search_logged_models([run.info.experiment_id])
     assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}"
     assert run.data.metrics["param_count"] == 10.0 and {m.key for m in model.metrics} >= {"test_acc", "param_count"}
+
+
+def test_mlflows_own_log_lines_are_redacted_too(capsys):
+    """MLflow's loggers do not reach Hydra's redacting handlers: a warning of its system metrics
+    monitor while the server is away quotes the store's URL."""
+    import logging
+
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").warning(
+        "Failed to get mlflow run: API request to http://soak:s3cret@127.0.0.1:5050/api/2.0/mlflow/runs/get failed.")
+    assert "http://soak:***@127.0.0.1:5050" in capsys.readouterr().err
