@@ -83,7 +83,8 @@ def train_and_track(cfg: DictConfig, hydra_cfg: DictConfig) -> float | list[floa
 
 
 # How a run that stops early ends: its status KILLED, with this tag saying why (a subclass first)
-STOPPED = {trial.DeadlineReached: tracking.DEADLINE_TAG, optuna.TrialPruned: tracking.PRUNED_TAG}
+STOPPED = {trial.DeadlineReached: tracking.DEADLINE_TAG, optuna.TrialPruned: tracking.PRUNED_TAG,
+           trial.Requeued: tracking.REQUEUED_TAG}
 
 
 def train_until_done(cfg: DictConfig, job: trial.JobTrial | trial.NoTrial, record: tracking.Recorder,

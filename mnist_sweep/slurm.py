@@ -117,7 +117,9 @@ SlurmdPort={ports.slurmd}
 # the daemons and job steps bind to the node's address (127.0.0.1), not to every interface
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 AuthType=auth/munge
-AuthInfo=socket={paths['socket']}
+# cred_expire: a requeued job (a trial's near its time limit, or pre-empted) starts again after this
+# many seconds; Slurm's 120 are for step credentials on a slow, loaded cluster, not one local node
+AuthInfo=socket={paths['socket']},cred_expire=10
 CredType=cred/munge
 SlurmUser={user}
 SlurmdUser={user}
@@ -150,7 +152,9 @@ PartitionName={PARTITION} Nodes={node['NodeName']} Default=YES MaxTime=INFINITE 
 def _slurmdbd_conf(paths: dict[str, Path], ports: Ports, user: str, password: str) -> str:
     return f"""\
 AuthType=auth/munge
-AuthInfo=socket={paths['socket']}
+# cred_expire: a requeued job (a trial's near its time limit, or pre-empted) starts again after this
+# many seconds; Slurm's 120 are for step credentials on a slow, loaded cluster, not one local node
+AuthInfo=socket={paths['socket']},cred_expire=10
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort={ports.slurmdbd}

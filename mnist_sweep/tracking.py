@@ -52,6 +52,7 @@ GRID_TAG = "sweep.dir"  # a plain grid's parent run: the sweep directory its job
 PRUNED_TAG = "pruned"  # why the pruner stopped the run (its status: KILLED)
 FEASIBLE_TAG = "feasible"  # a Pareto search's trial: true, or false and why (its accuracy is below the floor)
 PROCESS_TAG = "process"  # host:pid of the process training the run: a resume refuses a run still running
+REQUEUED_TAG = "requeued"  # the scheduler stopped the run's job and requeued it (KILLED; it resumes)
 RESUMED_TAG = "resumed"  # a run taken up again from its checkpoint (a kill, a requeue): after which epoch
 DEADLINE_TAG = "deadline"  # where the sweep's deadline stopped the run (KILLED; its metrics and model kept)
 # The scores a logged model carries beside its costs (the last epoch's): the Models tab's columns

@@ -52,6 +52,12 @@ class DeadlineReached(optuna.TrialPruned):
         self.done = done
 
 
+class Requeued(SystemExit):
+    """The scheduler signalled the job to stop before its time limit or a pre-emption, and requeued it
+    (hydra/launcher=slurm): the job ends here, its run KILLED, its trial still RUNNING; the requeued
+    job joins the same trial and continues its run from the last epoch's checkpoint."""
+
+
 class JobEnded(RuntimeError):
     """A scheduler ended a trial's job before the job could tell its trial (cancelled, out of
     time, its node lost); the message says why. The launcher returns it as the job's failure."""
@@ -301,8 +307,9 @@ class JobTrial:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.heartbeat.__exit__()
         # A store that went away leaves the trial RUNNING: its sweeper (or, were it gone too, the next
-        # worker) fails it with the reason and re-queues it (max_retry), as a killed job's trial
-        if kind is not None and not issubclass(kind, optuna.TrialPruned) and not stores.gone(error):
+        # worker) fails it with the reason and re-queues it (max_retry), as a killed job's trial; a job
+        # its scheduler requeued leaves it RUNNING for the requeued job, which continues it
+        if kind is not None and not issubclass(kind, (optuna.TrialPruned, Requeued)) and not stores.gone(error):
             self.study.tell(self.number, state=TrialState.FAIL, skip_if_finished=True)
 
     @property

@@ -1,10 +1,13 @@
 """The core run end to end on the tiny data: what lands in MLflow, and how a run ends."""
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 
 import mlflow
@@ -16,12 +19,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from conftest import assert_one_line_error, only_run, run_cli, runs_in, store
+from conftest import assert_one_line_error, checkpoint_epoch, only_run, run_cli, runs_in, store
+from hydra_plugins.mnist_sweep import launcher
 from mnist_sweep import data, tensors, tracking
 from mnist_sweep.config import CONF_DIR
 from mnist_sweep.run import main
 from mnist_sweep.model import ConvNet
-from mnist_sweep.trial import DEADLINE_ATTR, open_storage
+from mnist_sweep.trial import DEADLINE_ATTR, RUN_ID_ATTR, Requeued, open_storage
 
 
 def run_in_process(overrides: list[str], output_dir) -> float:
@@ -245,3 +249,47 @@ def test_a_trial_past_its_sweeps_deadline_stops_pruned_scored_as_it_stands_with_
     assert score == ended.value == run.data.metrics["test_acc"]  # scored as it stood when it stopped
     assert [m.step for m in store(tmp_path).get_metric_history(run.info.run_id, "test_acc")] == [1]
     assert tracking.MODEL_URI_TAG in run.data.tags  # it leads the study: its model is exported
+
+
+def test_a_trial_whose_job_slurm_requeues_stays_running_and_the_requeued_job_continues_its_run(overrides, tmp_path):
+    """Slurm's signal in epoch 2 of 3 (as hydra/launcher=slurm handles it on the node, submitit's
+    requeue replaced by one that only exits): the run ends KILLED and tagged, the trial stays
+    RUNNING, the checkpoint of epoch 1 stays; the job run again continues the same run to the end,
+    with the test accuracy of a run never stopped."""
+    args = [*overrides, "epochs=3", "data.batch_size=4", "model.dropout=0.2"]
+    whole = run_in_process([*args, f"paths.outputs={tmp_path / 'whole'}"], tmp_path / "whole-run")
+    storage = open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}")
+    study = optuna.create_study(study_name="mnist_sweep", storage=storage, direction="maximize")
+    number = study.ask().number
+    job = [*args, "optuna.study=mnist_sweep", f"optuna.trial={number}"]
+
+    def submitit_requeue(signum, frame):
+        raise SystemExit(-1)  # submitit's handler ends so, once `scontrol requeue` is done
+
+    def signal_in_epoch_2():
+        while checkpoint_epoch(tmp_path / "outputs", trial_run()) != 1:
+            time.sleep(0.002)
+        os.kill(os.getpid(), launcher.USR_SIG)
+
+    def trial_run():
+        return optuna.load_study(study_name="mnist_sweep", storage=storage).trials[0].user_attrs.get(RUN_ID_ATTR)
+
+    previous = signal.signal(launcher.USR_SIG, functools.partial(launcher.requeue_and_stop, submitit_requeue))
+    try:
+        signaller = threading.Thread(target=signal_in_epoch_2, daemon=True)
+        signaller.start()
+        with pytest.raises(Requeued):
+            run_in_process(job, tmp_path / "run")
+    finally:
+        signal.signal(launcher.USR_SIG, previous)
+    run = only_run(store(tmp_path))
+    assert run.info.status == "KILLED" and "requeued" in run.data.tags[tracking.REQUEUED_TAG]
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+    assert checkpoint_epoch(tmp_path / "outputs", run.info.run_id) == 1
+
+    assert run_in_process(job, tmp_path / "run-again") == whole
+    continued = only_run(store(tmp_path))
+    assert continued.info.run_id == run.info.run_id and continued.info.status == "FINISHED"
+    assert continued.data.tags[tracking.RESUMED_TAG] == "after epoch 1"
+    (trial,) = optuna.load_study(study_name="mnist_sweep", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == whole

@@ -2,6 +2,7 @@
 PostgreSQL and MLflow server (``local_stack``), sweeps through ``hydra/launcher=slurm`` (sbatch,
 sacct, scancel, a job's time limit); first the plain functions that record a job Slurm ended."""
 
+import contextlib
 import os
 import re
 import socket
@@ -17,10 +18,11 @@ from optuna.distributions import CategoricalDistribution, UniformDistribution
 from optuna.trial import TrialState
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from conftest import (FINISHED, assert_each_job_ran_its_trial, finish, load_study, run_cli, server_args, start,
-                      study_runs)
+from conftest import (FINISHED, assert_each_job_ran_its_trial, checkpoint_epoch, finish, load_study, run_cli,
+                      runs_in, server_args, start, study_runs)
 from hydra_plugins.mnist_sweep import launcher, sweeper
 from mnist_sweep import slurm, tracking
+from mnist_sweep.__main__ import launch
 from mnist_sweep.registry import CHAMPION, REGISTERED_MODEL
 from mnist_sweep.sweep_tracking import FAILURE_TAG
 from mnist_sweep.trial import FAILURE_ATTR, RUN_ID_ATTR, JobEnded, open_storage
@@ -139,8 +141,8 @@ def sacct(cluster: slurm.Cluster, job_ids: list[str]) -> dict[str, str]:
 
 
 def job_ids(tmp_path) -> list[str]:
-    """The Slurm jobs of the trials, from their submitit folders (named <array>_<index>)."""
-    return sorted(p.name for p in (tmp_path / "submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    """The Slurm jobs of the trials, from their submitit folders (<array>_<index>; a lone job: <id>)."""
+    return sorted(p.name for p in (tmp_path / "submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name))
 
 
 @on_the_cluster
@@ -187,7 +189,8 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_
     name = f"t{uuid.uuid4().hex[:10]}"
     env = {**local_stack.env(), **slurm_cluster.env()}
     args = [*server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_retry=1"]
-    proc = start(["-m", *args, "hydra.sweeper.n_trials=2", "hydra.launcher.timeout_min=1", "epochs=100000"], env)
+    proc = start(["-m", *args, "hydra.sweeper.n_trials=2", "hydra.launcher.timeout_min=1", "epochs=100000",
+                  "hydra.launcher.signal_delay_s=0"], env)  # no signal: Slurm ends the job at its limit
     try:
         wait_for_runs(local_stack, name, 2, proc)
         (cancelled,) = [job for job in job_ids(tmp_path) if job.endswith("_0")]  # trial 0: the batch's first
@@ -214,6 +217,47 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_
     retried = load_study(local_stack, name).get_trials()
     assert len(retried) == 4 and {t.state for t in retried[2:]} <= FINISHED
     assert [t.params for t in retried[2:]] == [t.params for t in trials[:2]]
+
+
+@on_the_cluster
+def test_a_trial_slurm_preempts_in_epoch_2_is_requeued_and_continues_to_the_accuracy_of_one_never_stopped(
+        slurm_cluster, local_stack, overrides, tmp_path):
+    """Slurm signals the job inside epoch 2 of 3 (USR2, as it does signal_delay_s before a time limit or
+    on a pre-emption; sent with scancel here, at a moment the test chooses: Slurm's own timer has a
+    30-60 s resolution, which no one-minute test can place inside an epoch). submitit requeues the job,
+    the requeued job joins the same trial and continues its run after epoch 1: the trial COMPLETEs with
+    the test accuracy of the same run never stopped. Slow: Slurm starts a requeued job ~25 s later."""
+    fixed = [*overrides, "epochs=3", "data.batch_size=4", "model=shallow", "augment=shift", "model.dropout=0.2",
+             "optim.lr=0.05", "optim.weight_decay=1e-4"]
+    launch([*fixed, f"paths.outputs={tmp_path / 'whole'}"])  # never stopped: what the trial must reach
+    (whole,) = runs_in(tmp_path / "whole")
+    name = f"t{uuid.uuid4().hex[:10]}"
+    env = {**local_stack.env(), **slurm_cluster.env()}
+    proc = start(["-m", *server_args(fixed, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=1"], env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the trial's epoch 1 is checkpointed: epoch 2 is training
+            assert proc.poll() is None and time.monotonic() < deadline, "the trial never reached epoch 2"
+            time.sleep(0.01)
+            with contextlib.suppress(KeyError, IndexError):  # no study, or no trial, yet
+                run_id = load_study(local_stack, name).trials[0].user_attrs.get(RUN_ID_ATTR)
+                if checkpoint_epoch(tmp_path / "outputs", run_id) == 1:
+                    break
+        (job,) = job_ids(tmp_path)
+        subprocess.run(["scancel", "--signal=USR2", job], env={**os.environ, **slurm_cluster.env()}, check=True)
+        finish(proc, timeout=300)
+    finally:
+        proc.kill()
+
+    (trial,) = load_study(local_stack, name).get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.value == whole.data.metrics["test_acc"]
+    client, _, (run,) = study_runs(local_stack, name)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags[tracking.RESUMED_TAG] == "after epoch 1" and tracking.REQUEUED_TAG in run.data.tags
+    assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [1, 2, 3]
+    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                            text=True, check=True, env={**os.environ, **slurm_cluster.env()}).stdout.split()
+    assert states == ["REQUEUED", "COMPLETED"]  # one job, requeued once, then done
 
 
 def refused(port: int) -> bool:

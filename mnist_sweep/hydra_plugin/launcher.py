@@ -3,14 +3,18 @@ launcher, changed where a study needs it: a job that Slurm ends before it return
 time limit, a lost node) is one failed job of its batch, holding a :class:`mnist_sweep.trial.JobEnded`
 that says why (its state in Slurm's accounting). Upstream raises for the whole batch at the first
 such job and stops waiting for the others; the study sweeper fails that trial with the reason,
-re-queues it (``hydra.sweeper.max_retry``) and goes on.
+re-queues it (``hydra.sweeper.max_retry``) and goes on. And a job that Slurm signals before its time
+limit, or pre-empts, is requeued by submitit and continues its trial from the trial's last epoch
+checkpoint (:func:`requeue_and_stop`), where upstream would train the trial again from its start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +24,19 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from mnist_sweep.trial import JobEnded
+from mnist_sweep.trial import JobEnded, Requeued
 
 log = logging.getLogger(__name__)
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """``hydra/launcher=slurm``: see the module's docstring."""
+
+    def __call__(self, *args: Any) -> JobReturn:
+        """A trial's job, on its node: upstream's, with submitit's requeue on Slurm's signal ending the
+        job as :class:`mnist_sweep.trial.Requeued` (its trial stays RUNNING, and its run says why)."""
+        signal.signal(USR_SIG, functools.partial(requeue_and_stop, signal.getsignal(USR_SIG)))
+        return super().__call__(*args)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
         """Upstream's launch (hydra-submitit-launcher 1.2), except that each job's result is read on its own."""
@@ -50,6 +60,22 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                                   list(numbers), [f"job_id_for_{n}" for n in numbers],
                                   [Singleton.get_state()] * len(numbers))
         return [job_return(job, overrides, self.params["timeout_min"]) for job, overrides in zip(jobs, job_overrides)]
+
+
+USR_SIG = signal.SIGUSR2  # what Slurm sends signal_delay_s before the time limit (submitit's default)
+
+
+def requeue_and_stop(requeue: Callable[[int, Any], None], signum: int, frame: Any) -> None:
+    """On Slurm's signal (``signal_delay_s`` before the time limit, or a pre-emption): submitit's
+    handler ``requeue`` requeues the job (``scontrol requeue``; the trial's call again, the same
+    arguments) and exits; that exit, raised in the middle of training, becomes :class:`Requeued`.
+    The requeued job continues the trial's run from its last epoch's checkpoint. When submitit does
+    not requeue (``max_num_timeout`` spent), its own error goes on: the trial fails, as before."""
+    try:
+        requeue(signum, frame)
+    except SystemExit:
+        raise Requeued(f"Slurm signalled the job ({signal.Signals(signum).name}: its time limit is near, or it is "
+                       "pre-empted) and it was requeued: it continues from its last epoch's checkpoint") from None
 
 
 def job_return(job: Any, overrides: Sequence[str], timeout_min: int) -> JobReturn:
