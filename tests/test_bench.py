@@ -60,7 +60,8 @@ def measurements() -> dict:
     system_metrics = {"with_s": [8.1, 8.3, 8.0], "without_s": [8.0, 7.9, 8.2], "samples": [2, 1, 2],
                       "interval_s": 5.0}
     return {"run": run, "sweep": sweep, "profile": profile, "bare": bare, "costs": costs,
-            "trial": {"span_s": 6.0, "fit_s": 5.8, "model": False}, "system_metrics": system_metrics}
+            "trial": {"span_s": 6.0, "fit_s": 5.8, "model": False}, "system_metrics": system_metrics,
+            "checkpoint": {"save_s": [0.004, 0.003, 0.02], "bytes": 250_000}}
 
 
 def test_the_sections_rows_are_exactly_the_table_labels():
@@ -68,7 +69,7 @@ def test_the_sections_rows_are_exactly_the_table_labels():
     overhead = (report.overhead_rows({"torch": [1.0], "main": [2.0]}, [m["run"]], [m["run"]], [m["bare"]],
                                      {"existing": m["profile"], "fresh": m["profile"]}, [m["trial"]] * 6)
                 | report.sweep_rows({1: m["sweep"]}) | report.cost_rows(m["costs"])
-                | report.system_metrics_row(m["system_metrics"]))
+                | report.system_metrics_row(m["system_metrics"]) | report.checkpoint_row(m["checkpoint"], [m["bare"]]))
     assert set(overhead) == set(report.OVERHEAD_ROWS)
     rows = (overhead | report.sweep_rows({1: m["sweep"], 2: m["sweep"]})
             | report.target_rows([m["run"]], [m["run"]])
@@ -87,6 +88,15 @@ def test_the_latency_rows_give_the_median_the_spread_between_measurements_and_th
     assert latency[0] == "1.000 ms"
     assert latency[2].startswith("median of 3 measurements in a row: 0.800-1.200 ms, a spread of 40% of the median")
     assert measuring[:2] == ("0.030 s", "<= 0.1 s: met") and "0.020-0.050 s" in measuring[2]
+
+
+def test_the_checkpoint_row_is_the_median_save_as_a_share_of_an_epoch_judged_against_2_percent():
+    m = measurements()
+    result, target, detail = report.checkpoint_row(m["checkpoint"], [m["bare"]])[report.CHECKPOINT_ROW]
+    assert (result, target) == ("4.0 ms, 0.20% of an epoch", "<= 2% of an epoch: met")  # 4 ms of a 2 s epoch
+    assert "(244 KiB), median of 3 (range 3.0-20.0 ms)" in detail and "epoch (2.00 s)" in detail
+    slow = m["checkpoint"] | {"save_s": [0.05, 0.06, 0.07]}
+    assert report.checkpoint_row(slow, [m["bare"]])[report.CHECKPOINT_ROW][1] == "<= 2% of an epoch: not met"
 
 
 def test_the_system_metrics_row_is_the_difference_of_the_medians_judged_against_its_target():
@@ -313,6 +323,7 @@ RESULTS = [
     (r"^GPU: ", r"^(no GPU|\d+\.\d s)"),
     (r"^augment=", r"^\d+\.\d\d s of warps$"),
     (r"^model costs: ", r"^\d+\.\d{3} (ms|s)$"),
+    (r"^checkpoint: ", r"^\d+\.\d ms, \d+\.\d\d% of an epoch$"),
     (r"^system metrics: ", r"^[+-]\d+\.\d\d s$"),
 ]
 

@@ -38,6 +38,28 @@ def fit(cfg, built: tuple, train_set, test_set) -> dict[str, float]:
                      augment=augment)
 
 
+def time_checkpoint(cfg, saves: int) -> dict:
+    """What an epoch's checkpoint costs a run of ``cfg``: ``checkpoint.save`` of the objects a run
+    builds, after one epoch's steps would have filled the optimizer's state, ``saves`` times to a
+    temporary folder (the run's own: checkpoint.dir's disk); each save's seconds and the file's size."""
+    from mnist_sweep import checkpoint, train
+    from mnist_sweep.run import build
+
+    device = train.pick_device(cfg.device)
+    model, optimizer, scheduler, _ = build(cfg, device, 60_000)
+    model(torch.zeros(2, 1, 28, 28, device=device)).sum().backward()  # momentum buffers, as after a step
+    optimizer.step()
+    seconds = []
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / "run.pt"
+        history = [{"test_acc": 0.99, "test_loss": 0.03}]
+        for _ in range(saves):
+            start = time.perf_counter()
+            checkpoint.save(file, history, model, optimizer, scheduler)
+            seconds.append(time.perf_counter() - start)
+        return {"save_s": seconds, "bytes": file.stat().st_size}
+
+
 def time_system_metrics(cfg, repeats: int) -> dict:
     """What MLflow's system metrics cost a run: ``cfg``'s training inside a tracked run (in its own
     experiment of the store ``cfg`` names), timed from the run's start to its end, with the monitor

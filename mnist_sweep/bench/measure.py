@@ -18,7 +18,8 @@ import torch
 
 from mnist_sweep import stack
 from mnist_sweep.bench import classic, phases, report
-from mnist_sweep.bench.inprocess import time_augment, time_bare_fit, time_costs, time_system_metrics, time_tracking
+from mnist_sweep.bench.inprocess import (time_augment, time_bare_fit, time_checkpoint, time_costs, time_system_metrics,
+                                         time_tracking)
 from mnist_sweep.bench.timers import (Stores, profile_run, server_stores, sqlite_stores, time_classic, time_imports,
                                       time_run, time_sweep, trial_overheads)
 
@@ -119,6 +120,14 @@ def bare_fits(bench: Bench) -> list[dict]:
 def model_costs(bench: Bench) -> dict:
     say("cost metrics of the default model, measured again and again")
     return time_costs(bench.cfg, 3 if bench.quick else COST_MEASUREMENTS)
+
+
+CHECKPOINT_SAVES = 20  # of the default model's state: their median is the row
+
+
+def checkpoint_saves(bench: Bench) -> dict:
+    say("the default model's checkpoint, saved again and again")
+    return time_checkpoint(bench.cfg, 3 if bench.quick else CHECKPOINT_SAVES)
 
 
 def system_metrics(bench: Bench) -> dict:
@@ -225,7 +234,7 @@ def overhead_and_more(bench: Bench, overhead_only: bool) -> report.Rows:
     trials = trial_overheads(f"bench-{bench.stamp}-1w", bench.stores)
     rows = report.overhead_rows(runs["imports"], runs["ours"], runs["fresh"], bare, profiled, trials)
     rows |= (report.sweep_rows(sweeps) | report.cost_rows(model_costs(bench))
-             | report.system_metrics_row(system_metrics(bench)))
+             | report.system_metrics_row(system_metrics(bench)) | report.checkpoint_row(checkpoint_saves(bench), bare))
     if overhead_only:
         return rows
     shared, searches, augments = shared_stores(bench), pruning(bench), augment_epochs(bench)

@@ -47,6 +47,7 @@ SEARCHES = {
 TARGET_ROWS = ("classic recipe: time to 99.0%", "mnist_sweep: time to 99.0%", "time to 99.0%, mnist_sweep / classic")
 COST_ROWS = ("model costs: latency_ms, default model", "model costs: measuring them, per run")
 SYSTEM_METRICS_ROW = "system metrics: cost per one-epoch run"
+CHECKPOINT_ROW = "checkpoint: cost per epoch"
 OVERHEAD_ROWS = (  # what ``--overhead`` measures
     "import torch alone",
     "python -m mnist_sweep --help",
@@ -58,6 +59,7 @@ OVERHEAD_ROWS = (  # what ``--overhead`` measures
     *(f"overhead phase: {name}" for name in PHASES),
     *COST_ROWS,
     SYSTEM_METRICS_ROW,
+    CHECKPOINT_ROW,
     "sweep: overhead per trial",
     SWEEPS[1],
 )
@@ -208,6 +210,18 @@ def cost_rows(measured: Mapping) -> Rows:
                        f"{min(seconds):.3f}-{max(seconds):.3f} s; param_count {runs[0]['param_count']:,}, "
                        f"model_bytes {runs[0]['model_bytes']:,}"),
     }
+
+
+def checkpoint_row(measured: Mapping, bare: list[dict]) -> Rows:
+    """An epoch's checkpoint (the median save) against an epoch of the default model (the bare
+    loop's), judged against 2%."""
+    save_s, epoch_s = statistics.median(measured["save_s"]), statistics.median(b["epoch_s"] for b in bare)
+    share = 100 * save_s / epoch_s
+    return {CHECKPOINT_ROW: (
+        f"{1000 * save_s:.1f} ms, {share:.2f}% of an epoch", target_text("<= 2% of an epoch", share, 2),
+        f"checkpoint.save of the default model's state ({measured['bytes'] / 1024:.0f} KiB), median of "
+        f"{len(measured['save_s'])} (range {1000 * min(measured['save_s']):.1f}-{1000 * max(measured['save_s']):.1f}"
+        f" ms), against the bare loop's epoch ({epoch_s:.2f} s)")}
 
 
 def system_metrics_row(measured: Mapping) -> Rows:
