@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
@@ -397,9 +398,16 @@ def server_args(overrides: list[str], name: str) -> list[str]:
     return [*overrides, "stores=server", f"hydra.sweeper.study_name={name}", f"mlflow.experiment={name}"]
 
 
+@functools.cache
+def _study_storage(url: str) -> optuna.storages.RDBStorage:
+    # one engine a database for the whole session: a test polling a study would otherwise open a
+    # pool of connections at each look, and the shared PostgreSQL refuses clients past 100
+    return optuna.storages.RDBStorage(url)
+
+
 def load_study(local_stack, name: str) -> optuna.Study:
     os.environ["PGPASSFILE"] = str(local_stack.pgpass)  # what libpq reads for the password
-    return optuna.load_study(study_name=name, storage=local_stack.optuna_storage)
+    return optuna.load_study(study_name=name, storage=_study_storage(local_stack.optuna_storage))
 
 
 def study_runs(local_stack, name: str) -> tuple[MlflowClient, list, list]:

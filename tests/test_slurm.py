@@ -140,9 +140,9 @@ def sacct(cluster: slurm.Cluster, job_ids: list[str]) -> dict[str, str]:
     return dict(line.split("|") for line in done.stdout.splitlines())
 
 
-def job_ids(tmp_path) -> list[str]:
-    """The Slurm jobs of the trials, from their submitit folders (<array>_<index>; a lone job: <id>)."""
-    return sorted(p.name for p in (tmp_path / "submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name))
+def job_ids(tmp_path, pattern: str = r"\d+_\d+") -> list[str]:
+    """The Slurm jobs of the trials, from their submitit folders (a batch's: <array>_<index>)."""
+    return sorted(p.name for p in (tmp_path / "submitit").iterdir() if re.fullmatch(pattern, p.name))
 
 
 @on_the_cluster
@@ -238,12 +238,12 @@ def test_a_trial_slurm_preempts_in_epoch_2_is_requeued_and_continues_to_the_accu
         deadline = time.monotonic() + 300
         while True:  # until the trial's epoch 1 is checkpointed: epoch 2 is training
             assert proc.poll() is None and time.monotonic() < deadline, "the trial never reached epoch 2"
-            time.sleep(0.01)
+            time.sleep(0.05)
             with contextlib.suppress(KeyError, IndexError):  # no study, or no trial, yet
                 run_id = load_study(local_stack, name).trials[0].user_attrs.get(RUN_ID_ATTR)
                 if checkpoint_epoch(tmp_path / "outputs", run_id) == 1:
                     break
-        (job,) = job_ids(tmp_path)
+        (job,) = job_ids(tmp_path, r"\d+")  # a batch of one: a plain job, no array
         subprocess.run(["scancel", "--signal=USR2", job], env={**os.environ, **slurm_cluster.env()}, check=True)
         finish(proc, timeout=300)
     finally:
