@@ -401,8 +401,9 @@ def server_args(overrides: list[str], name: str) -> list[str]:
 @functools.cache
 def _study_storage(url: str) -> optuna.storages.RDBStorage:
     # one engine a database for the whole session: a test polling a study would otherwise open a
-    # pool of connections at each look, and the shared PostgreSQL refuses clients past 100
-    return optuna.storages.RDBStorage(url)
+    # pool of connections at each look, and the shared PostgreSQL refuses clients past 100; its
+    # connections are checked before use, since a test restarts the database (stack_alone)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
 def load_study(local_stack, name: str) -> optuna.Study:

@@ -15,7 +15,7 @@ from mnist_sweep import data, reproduce, stores, tracking, train
 from mnist_sweep.__main__ import launch
 from mnist_sweep.model import ConvNet
 
-STATE = {"paths.outputs", "mlflow.tracking_uri", "mlflow.artifact_root"}  # what a run's store changes
+STATE = {"paths.outputs", "mlflow.tracking_uri", "mlflow.artifact_root", "checkpoint.dir"}  # what a run's store changes
 
 
 def trained(*args: str) -> mlflow.entities.Run:
