@@ -22,7 +22,6 @@ import os
 import socket
 import sys
 
-import mlflow
 from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 

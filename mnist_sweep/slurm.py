@@ -138,6 +138,9 @@ MpiDefault=none
 ReturnToService=2
 # a cancelled job's processes get SIGKILL this long after SIGTERM (submitit ignores SIGTERM)
 KillWait=5
+# a job runs at the niceness it was submitted with (`nice python -m mnist_sweep -m ...`): on a node that
+# is also the desk, trials can take only the cores nothing else wants
+PropagatePrioProcess=1
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={ports.slurmdbd}

@@ -380,9 +380,10 @@ def sweep_here(*args: str) -> None:
         GlobalHydra.instance().clear()
 
 
-def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python -m mnist_sweep args``, as a worker a user starts, with ``env`` added to the environment."""
-    return subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=PROJECT_ROOT,
+def start(args: list[str], env: dict[str, str] | None = None, nice: int = 0) -> subprocess.Popen:
+    """``python -m mnist_sweep args``, as a worker a user starts, with ``env`` added to the environment,
+    at ``nice``'s priority (`nice -n`)."""
+    return subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-m", "mnist_sweep", *args], cwd=PROJECT_ROOT,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

@@ -127,6 +127,12 @@ def test_the_daemons_listen_on_loopback_only_and_a_second_start_returns_the_clus
     assert slurm.running(slurm_cluster.root) == pids  # the same daemons: none restarted
 
 
+# Sweeps on the cluster are submitted at the lowest priority, so their jobs run at it too
+# (PropagatePrioProcess): they mostly wait on Slurm (a time limit, a requeue), and the other tests'
+# processes come first on the two cores
+NICE = 19
+
+
 def slurm_args(tmp_path) -> list[str]:
     """A trial's job on this cluster: one CPU, a little memory, its files under ``tmp_path``."""
     return ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
@@ -151,7 +157,7 @@ def test_a_sweep_runs_its_trials_as_slurm_jobs_with_handover_pruning_and_the_cha
     name = f"t{uuid.uuid4().hex[:10]}"
     env = {**local_stack.env(), **slurm_cluster.env()}
     finish(start(["-m", *server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=2",
-                  "hydra.sweeper.n_jobs=2", "epochs=1"], env))
+                  "hydra.sweeper.n_jobs=2", "epochs=1"], env, nice=NICE))
 
     ids = job_ids(tmp_path)
     assert len(ids) == 2 and set(sacct(slurm_cluster, ids).values()) == {"COMPLETED"}  # one sbatch'd job each
@@ -190,7 +196,7 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_
     env = {**local_stack.env(), **slurm_cluster.env()}
     args = [*server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_retry=1"]
     proc = start(["-m", *args, "hydra.sweeper.n_trials=2", "hydra.launcher.timeout_min=1", "epochs=100000",
-                  "hydra.launcher.signal_delay_s=0"], env)  # no signal: Slurm ends the job at its limit
+                  "hydra.launcher.signal_delay_s=0"], env, nice=NICE)  # no signal: Slurm ends the job at its limit
     try:
         wait_for_runs(local_stack, name, 2, proc)
         (cancelled,) = [job for job in job_ids(tmp_path) if job.endswith("_0")]  # trial 0: the batch's first
@@ -213,7 +219,7 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_
         assert trials[number + 2].system_attrs["retry_history"] == [number]
     assert parent.info.status == "FINISHED"
 
-    finish(start(["-m", *args, "hydra.sweeper.n_trials=2", "epochs=1"], env))  # the sweep goes on: the retries
+    finish(start(["-m", *args, "hydra.sweeper.n_trials=2", "epochs=1"], env, nice=NICE))  # on: the retries
     retried = load_study(local_stack, name).get_trials()
     assert len(retried) == 4 and {t.state for t in retried[2:]} <= FINISHED
     assert [t.params for t in retried[2:]] == [t.params for t in trials[:2]]
@@ -233,7 +239,7 @@ def test_a_trial_slurm_preempts_in_epoch_2_is_requeued_and_continues_to_the_accu
     (whole,) = runs_in(tmp_path / "whole")
     name = f"t{uuid.uuid4().hex[:10]}"
     env = {**local_stack.env(), **slurm_cluster.env()}
-    proc = start(["-m", *server_args(fixed, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=1"], env)
+    proc = start(["-m", *server_args(fixed, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=1"], env, nice=NICE)
     try:
         deadline = time.monotonic() + 300
         while True:  # until the trial's epoch 1 is checkpointed: epoch 2 is training

@@ -11,7 +11,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mnist_sweep.bench", description="Time to 99.0% against the "
                                      "classic recipe, framework overhead, sweep throughput (see the docstring).")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 1 repeat, 1 classic epoch, 2 trials per sweep (proves it runs, not speed)")
+                        help="smoke test: 1 repeat, 1 classic epoch, 2 trials per sweep, no profiles (proves it runs, "
+                             "not speed)")
     parser.add_argument("--overhead", action="store_true",
                         help="only the framework's overhead: imports, runs on an existing and a fresh store, their "
                              "profiles, the bare loop, per-trial overhead in a 1-worker sweep (minutes)")
@@ -33,6 +34,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                              "600 s and the soft budget, then a 20-minute Pareto search per cost (about 65 minutes)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="times each recipe runs (alternating), and --search's seeds per configuration; default 3")
+    parser.add_argument("--services", type=Path, metavar="ROOT",
+                        help="the PostgreSQL and MLflow server that `make services` runs under ROOT, for the shared-"
+                             "store rows (default: servers of the bench's own, started and stopped)")
     parser.add_argument("--out", type=Path, help="where the table and the bench store go (default outputs/bench)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after `--` (e.g. data.root=DIR)")
     args = parser.parse_args(argv)
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     machine = report.machine_record()  # before set_threads changes this process's thread count
     bench = measure.setup((args.out or PROJECT_ROOT / "outputs" / "bench").resolve(), args.overrides, args.quick,
-                          args.repeats)
+                          args.repeats, args.services)
     if args.search:
         labels, rows = report.SEARCH_ROWS, measure.sampler_searches(bench)
     elif args.long_search:

@@ -54,6 +54,7 @@ class Bench:
     user: tuple[str, ...]  # the caller's overrides: last in every command, so they win
     quick: bool
     repeats: int
+    services: Path | None = None  # a running `make services` root to use, instead of servers of the bench's own
 
     def run_dir(self, name: str) -> str:
         return f"hydra.run.dir={self.out / 'runs' / f'{self.stamp}-{name}'}"
@@ -71,7 +72,7 @@ def say(what: str) -> None:
     print(f"bench: {what}", file=sys.stderr, flush=True)
 
 
-def setup(out: Path, user: list[str], quick: bool, repeats: int) -> Bench:
+def setup(out: Path, user: list[str], quick: bool, repeats: int, services: Path | None = None) -> Bench:
     """The bench's directory and config; untimed, the data verified and parsed once and the bench's
     store created (its schema takes seconds)."""
     from mnist_sweep import data, tracking
@@ -83,7 +84,7 @@ def setup(out: Path, user: list[str], quick: bool, repeats: int) -> Bench:
     data.prepare(Path(cfg.data.root), dict(cfg.data.md5))
     tracking.use_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.artifact_root)
     return Bench(out, datetime.now().strftime("%Y%m%d-%H%M%S"), cfg, stores, tuple(user), quick,
-                 1 if quick else repeats)
+                 1 if quick else repeats, services)
 
 
 def repeated_runs(bench: Bench, with_classic: bool) -> dict:
@@ -147,6 +148,18 @@ def throughput(bench: Bench, workers: int) -> dict:
 
 
 @contextlib.contextmanager
+def servers(bench: Bench) -> Iterator[stack.Stack]:
+    """The PostgreSQL and MLflow server under ``bench.services`` (``--services``: already running,
+    left running; the bench's records go to databases and experiments of its own there), else
+    :func:`own_stack`."""
+    if bench.services is None:
+        with own_stack() as running:
+            yield running
+    else:
+        yield stack.start(bench.services)  # the running stack, as it runs
+
+
+@contextlib.contextmanager
 def own_stack() -> Iterator[stack.Stack]:
     """``make services``' PostgreSQL and MLflow server, of the bench's own, stopped at the end."""
     # Throwaway servers in a directory the user postgres can enter (as root, PostgreSQL runs as
@@ -171,7 +184,7 @@ def shared_stores(bench: Bench) -> tuple[dict, dict] | str:
         stack.postgres_bindir()
     except FileNotFoundError as err:
         return str(err)
-    with own_stack() as running:
+    with servers(bench) as running:
         sweeps = {workers: time_sweep(f"bench-{bench.stamp}-shared-{workers}w", pinned(workers), server_stores(running),
                                       bench.out, bench.user, bench.n_trials, processes=workers)
                   for workers in (1, 2)}
@@ -192,7 +205,7 @@ def study_growth(bench: Bench) -> dict | str:
         stack.postgres_bindir()
     except FileNotFoundError as err:
         return str(err)
-    with own_stack() as running:
+    with servers(bench) as running:
         postmaster = int((running.root / "pgdata" / "postmaster.pid").read_text().split()[0])
         with growth.pgpass(running.pgpass):
             study = growth.measure(running.optuna_storage, f"bench-{bench.stamp}-growth",
@@ -228,7 +241,7 @@ def overhead_and_more(bench: Bench, overhead_only: bool) -> report.Rows:
     """Everything but the search targets; with ``overhead_only``, the framework's overhead alone."""
     keys = phases.resolve()  # before anything runs: a phase naming a function that is gone fails here
     runs = repeated_runs(bench, with_classic=not overhead_only)
-    profiled = profiles(bench, keys)
+    profiled = None if bench.quick else profiles(bench, keys)  # two runs under cProfile: the quick bench's longest
     bare = bare_fits(bench)
     sweeps = {workers: throughput(bench, workers) for workers in ((1,) if overhead_only else (1, 2))}
     trials = trial_overheads(f"bench-{bench.stamp}-1w", bench.stores)
@@ -337,7 +350,8 @@ def sampler_searches(bench: Bench) -> report.Rows:
 
     hydra = compose([*bench.stores.run_overrides, *bench.user], with_hydra=True).hydra
     default = (hydra.runtime.choices["hydra/sweeper/sampler"], hydra.runtime.choices["hydra/sweeper/prior"])
-    configurations = dict.fromkeys([*((sampler, "none") for sampler in report.SAMPLERS), (default[0], report.PRIOR)])
+    samplers = [default[0]] if bench.quick else report.SAMPLERS  # --quick: proves the comparison, not each sampler
+    configurations = dict.fromkeys([*((sampler, "none") for sampler in samplers), (default[0], report.PRIOR)])
     runs: dict[tuple[str, str], list[dict]] = {configuration: [] for configuration in configurations}
     asks = sampler_asks(bench)  # first: a minute, where a sampler that fails does so before hours of searches
     for seed in range(hydra.sweeper.sampler.seed, hydra.sweeper.sampler.seed + bench.repeats):

@@ -172,9 +172,15 @@ def overhead_row(runs: list[dict], torch_s: float, fit_s: float, extra: float) -
             f"{extra:g} s = {torch_s + extra:.1f} s")
 
 
-def phase_rows(profiles: Mapping[str, dict], overhead: Mapping[str, float]) -> Rows:
+QUICK_SKIPS = "skipped by --quick"  # a row whose measurement the smoke test leaves out
+
+
+def phase_rows(profiles: Mapping[str, dict] | None, overhead: Mapping[str, float]) -> Rows:
     """Each phase: existing store / fresh store, its share of the profiled overhead, then that share of
-    the measured overhead (cProfile inflates Python-heavy phases far more than training's kernels)."""
+    the measured overhead (cProfile inflates Python-heavy phases far more than training's kernels);
+    no profiles (``--quick``): each row says so."""
+    if profiles is None:
+        return {f"overhead phase: {name}": (QUICK_SKIPS, "", "two runs under cProfile") for name in PHASES}
     kinds = ("existing", "fresh")
     rows = {}
     for name in PHASES:
@@ -249,7 +255,7 @@ def trial_row(trials: list[dict]) -> Row:
 
 
 def overhead_rows(imports: Mapping[str, list[float]], ours: list[dict], fresh: list[dict], bare: list[dict],
-                  profiles: Mapping[str, dict], trials: list[dict]) -> Rows:
+                  profiles: Mapping[str, dict] | None, trials: list[dict]) -> Rows:
     """What ``--overhead`` measures but the sweep's throughput."""
     torch_s = statistics.median(imports["torch"])
     fit_s = statistics.median(r["fit_s"] for r in bare)
@@ -407,6 +413,9 @@ def search_rows(runs: Mapping[tuple[str, str], list[dict]], default: tuple[str, 
     seed, which is the command the README gives, as the 10-minute target."""
     rows = {}
     for name, label in SAMPLER_ROWS.items():
+        if (name, "none") not in runs:  # --quick: the default sampler's alone (each runs in tests/test_search.py)
+            rows[label] = (QUICK_SKIPS, "", "a search with each other sampler")
+            continue
         result, detail = configuration_text(runs[(name, "none")])
         rows[label] = (result, "", detail)
     with_prior, without = runs[(default[0], PRIOR)], runs[(default[0], "none")]
