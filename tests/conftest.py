@@ -90,6 +90,9 @@ def overrides(tiny_mnist, tmp_path) -> list[str]:
         # one thread: tests run two (or more) at once on two cores, and an oversubscribed OpenMP team
         # spins: a tiny epoch took 3-5x as long on 2 threads (a test of threads=0 says so)
         "threads=1",
+        # a run's model as a pickle: pt2's torch.export costs a process seconds, and only the tests of
+        # the format and of loading the champion need it (they say mlflow.model_format=pt2)
+        "mlflow.model_format=pickle",
     ]
 
 
