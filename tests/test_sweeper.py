@@ -549,7 +549,15 @@ def test_two_workers_started_together_share_one_study_and_one_parent(overrides, 
 def test_a_lone_worker_replays_its_search_from_the_seed(overrides, tmp_path):
     for name in ("a", "b"):  # the shortest trials: only the points they draw matter here
         sweep(overrides, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}", "mlflow.model_format=null")
-    assert [t.params for t in study(tmp_path, "a").get_trials()] == [t.params for t in study(tmp_path, "b").get_trials()]
+    first = [t.params for t in study(tmp_path, "a").get_trials()]
+    assert first == [t.params for t in study(tmp_path, "b").get_trials()]
+    # a queued point that fixes every param samples nothing: the sampler seeds at the next trial, whose
+    # draw is not the point again (a prior's points are the searches' first draws, from seed 0)
+    point = ",".join(f"{key}:{value}" for key, value in first[0].items())
+    sweep(overrides, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=c", "mlflow.model_format=null",
+          f"hydra.sweeper.enqueue=[{{{point}}}]")
+    queued, sampled = [t.params for t in study(tmp_path, "c").get_trials()]
+    assert queued == first[0] and sampled != first[0]
 
 
 @pytest.mark.slow

@@ -150,7 +150,7 @@ class StudySweeper(OptunaSweeperImpl):
             if not size:
                 log.info("%s", why_none.format(max_trials=self.max_trials, timeout=self.timeout))
                 return
-            trials = [self._ask(study, space, fixed) for _ in range(size)]
+            trials = [self._ask(study, storage, space, fixed) for _ in range(size)]
             overrides = [(*params, *handover(study.study_name, trial.number, job_deadline)) for trial, params in trials]
             try:
                 with Heartbeat(storage, [trial_id(t) for t, _ in trials], self.heartbeat_interval):
@@ -167,15 +167,19 @@ class StudySweeper(OptunaSweeperImpl):
             record_returns(study, storage, [t for t, _ in trials], returns, self.max_failure_rate)
             todo -= size
 
-    def _ask(self, study: optuna.Study, space: dict, fixed: dict) -> tuple[optuna.trial.Trial, tuple[str, ...]]:
-        """A new trial and its overrides. The first trial a worker asks for seeds its sampler with
+    def _ask(self, study: optuna.Study, storage: optuna.storages.BaseStorage, space: dict,
+             fixed: dict) -> tuple[optuna.trial.Trial, tuple[str, ...]]:
+        """A new trial and its overrides. The first trial a worker samples seeds its sampler with
         ``seed + that trial's number``: trial numbers are unique across workers, so no two workers
-        share a seed, and a lone worker on a new study starts from ``seed`` itself."""
+        share a seed, and a lone worker on a new study starts from ``seed`` itself. A queued point
+        that fixes every param (``enqueue``, a prior, a retry) samples nothing: the trial after it
+        seeds, so the sampler's first draw is not the one a prior's point already took."""
         with warnings.catch_warnings():
             # Optuna warns that heartbeats are meant for Study.optimize; this loop records them itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = study.ask()
-        if not self.seeded:
+        queued = storage.get_trial_system_attrs(trial_id(trial)).get("fixed_params", {})
+        if not self.seeded and not set(space) <= set(queued):
             study.sampler = self._sampler(trial.number, space)
             self.seeded = True
         (params,) = self._configure_trials([trial], space, fixed)
