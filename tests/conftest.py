@@ -271,6 +271,8 @@ def pytest_runtest_setup(item) -> None:
 
 
 def pytest_sessionfinish(session) -> None:
+    for started in _starts.values():  # a short session may end before its servers are up: then stop them
+        started.exception()
     if hasattr(session.config, "workerinput"):
         return
     root = shared_root()
