@@ -23,7 +23,7 @@ from conftest import assert_one_line_error, checkpoint_epoch, only_run, run_cli,
 from hydra_plugins.mnist_sweep import launcher
 from mnist_sweep import data, tensors, tracking
 from mnist_sweep.config import CONF_DIR
-from mnist_sweep.run import main
+from mnist_sweep.run import main, train_until_done
 from mnist_sweep.model import ConvNet
 from mnist_sweep.trial import DEADLINE_ATTR, RUN_ID_ATTR, Requeued, open_storage
 
@@ -153,9 +153,15 @@ def test_in_process_run_returns_the_logged_final_accuracy(overrides, tmp_path):
     assert {"param_count", "latency_ms", "latency_ms_iqr", "model_bytes"} <= set(run.data.metrics)
 
 
-def test_a_run_samples_the_machine_into_its_system_metrics_unless_told_not_to(overrides, tmp_path):
-    """MLflow's monitor, sampling every 50 ms here (a tiny run lasts about a second): CPU and memory
-    as ``system/…`` metrics, a step a sample; with mlflow.system_metrics=false, none."""
+def test_a_run_samples_the_machine_into_its_system_metrics_unless_told_not_to(overrides, tmp_path, monkeypatch):
+    """MLflow's monitor, sampling every 50 ms here: CPU and memory as ``system/…`` metrics, a step a
+    sample; with mlflow.system_metrics=false, none. Each run waits a second before it trains: a tiny
+    run holds the GIL for about a second, and on a loaded machine its monitor then sampled only once."""
+    def after_a_second(*args, **kwargs):
+        time.sleep(1)  # the monitor's thread samples meanwhile
+        return train_until_done(*args, **kwargs)
+
+    monkeypatch.setattr("mnist_sweep.run.train_until_done", after_a_second)
     quick = [*overrides, "mlflow.model_format=null", "mlflow.system_metrics_interval=0.05"]
     run_in_process(quick, tmp_path / "on")
     run_in_process([*quick, "mlflow.system_metrics=false"], tmp_path / "off")
