@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mnist_sweep.model import IMAGE_SIDE, MAX_BLOCKS
+from mnist_sweep.model import DOWNSAMPLES, IMAGE_SIDE, MAX_BLOCKS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # The checkout this package runs from: outputs/ and data/ are anchored here, not in the cwd, so
@@ -163,6 +163,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "a positive odd integer (padding keeps the map size only for odd kernels)"),
     ("model.batch_norm", lambda v: isinstance(v, bool), "true or false"),
     ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("model.downsample", lambda v: v in DOWNSAMPLES, " or ".join(DOWNSAMPLES)),
     ("augment.shift", lambda v: _integer(v) and 0 <= v < IMAGE_SIDE // 2, f"an integer in [0, {IMAGE_SIDE // 2})"),
     ("augment.degrees", lambda v: _number(v) and 0 <= v <= 180, "in [0, 180]"),
     ("augment.scale", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),

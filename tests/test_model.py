@@ -5,14 +5,15 @@ import torch
 from hydra.utils import instantiate
 
 from mnist_sweep.config import validate
-from mnist_sweep.model import ConvNet
+from mnist_sweep.model import DOWNSAMPLES, ConvNet
 from conftest import compose_with, options
 
 
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("channels", [[8], [4, 8], [4, 8, 16], [2, 4, 8, 16]])
-def test_output_shape_for_every_model_and_depth(model, channels):
-    cfg = compose_with(f"model={model}", f"model.channels={channels}")
+@pytest.mark.parametrize("downsample", DOWNSAMPLES)
+def test_output_shape_for_every_model_and_depth(model, channels, downsample):
+    cfg = compose_with(f"model={model}", f"model.channels={channels}", f"model.downsample={downsample}")
     net = instantiate(cfg.model).eval()
     assert net(torch.rand(5, 1, 28, 28) * 255).shape == (5, 10)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == len(channels) * cfg.model.convs_per_block
@@ -31,3 +32,14 @@ def test_model_standardises_raw_pixels_itself():
     pixels = torch.rand(2, 1, 28, 28) * 255
     shifted = net.features(((pixels - 0.1307 * 255) / (0.3081 * 255)))
     assert torch.allclose(net(pixels), net.head(shifted))
+
+
+def test_a_strided_block_halves_its_map_with_its_first_conv_and_has_no_pool():
+    """downsample=stride: 28 → 14 → 7 → 4 (a padded stride-2 conv rounds up), each block's later
+    convs on the halved map; the classifier reads the last map, 4×4."""
+    net = ConvNet([4, 8, 16], convs_per_block=2, downsample="stride").eval()
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1)] * 3
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    assert net.features(torch.rand(1, 1, 28, 28)).shape == (1, 16, 4, 4)
+    assert net.head[-1].in_features == 16 * 4 * 4
