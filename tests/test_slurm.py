@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, UniformDistribution
 from optuna.trial import TrialState
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from conftest import (FINISHED, assert_each_job_ran_its_trial, checkpoint_epoch, finish, load_study, run_cli,
+from conftest import (FINISHED, checkpoint_epoch, finish, load_study, run_cli,
                       runs_in, server_args, start, study_runs)
 from hydra_plugins.mnist_sweep import launcher, sweeper
 from mnist_sweep import slurm, tracking
@@ -127,9 +127,9 @@ def test_the_daemons_listen_on_loopback_only_and_a_second_start_returns_the_clus
     assert slurm.running(slurm_cluster.root) == pids  # the same daemons: none restarted
 
 
-# Sweeps on the cluster are submitted at the lowest priority, so their jobs run at it too
-# (PropagatePrioProcess): they mostly wait on Slurm (a time limit, a requeue), and the other tests'
-# processes come first on the two cores
+# The endless trials that wait for Slurm's time limit are submitted at the lowest priority, so their
+# jobs run at it too (PropagatePrioProcess): the other tests' processes come first on the two cores.
+# The rest of this file's sweeps run at normal priority: the file is one worker's chain of tests.
 NICE = 19
 
 
@@ -151,27 +151,6 @@ def job_ids(tmp_path, pattern: str = r"\d+_\d+") -> list[str]:
     return sorted(p.name for p in (tmp_path / "submitit").iterdir() if re.fullmatch(pattern, p.name))
 
 
-@on_the_cluster
-def test_a_sweep_runs_its_trials_as_slurm_jobs_with_handover_pruning_and_the_champion(
-        slurm_cluster, local_stack, overrides, tmp_path):
-    name = f"t{uuid.uuid4().hex[:10]}"
-    env = {**local_stack.env(), **slurm_cluster.env()}
-    finish(start(["-m", *server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=2",
-                  "hydra.sweeper.n_jobs=2", "epochs=1"], env, nice=NICE))
-
-    ids = job_ids(tmp_path)
-    assert len(ids) == 2 and set(sacct(slurm_cluster, ids).values()) == {"COMPLETED"}  # one sbatch'd job each
-    client, parent, kids = assert_each_job_ran_its_trial(local_stack, name, 2)
-    assert parent.info.status == "FINISHED"
-    trials = load_study(local_stack, name).get_trials()
-    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-    assert parent.data.tags["best_run_id"] == best.user_attrs[RUN_ID_ATTR]
-    # other tests' sweeps share this registry: the champion is this study's best, or one at least as good
-    champion = client.get_run(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id)
-    assert champion.data.metrics["test_acc"] >= best.value and tracking.MODEL_URI_TAG in champion.data.tags
-    assert tracking.MODEL_URI_TAG in client.get_run(best.user_attrs[RUN_ID_ATTR]).data.tags  # a model to crown
-
-
 def wait_for_runs(local_stack, name: str, count: int, proc: subprocess.Popen) -> None:
     """Until ``count`` trials of the study have their MLflow run (their jobs are training)."""
     for _ in range(600):
@@ -187,16 +166,20 @@ def wait_for_runs(local_stack, name: str, count: int, proc: subprocess.Popen) ->
 
 
 @on_the_cluster
-def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_reason_and_are_requeued(
+def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_and_the_next_sweep_runs_them_as_slurm_jobs(
         slurm_cluster, local_stack, overrides, tmp_path):
     """One batch of two endless trials: scancel ends the first job; the second reaches its time
     limit (one minute: Slurm's least). Each trial FAILs, its run ends FAILED saying why, it is
-    re-queued (max_retry=1), and the sweep ends normally; the next one runs the retries."""
+    re-queued (max_retry=1), and the sweep ends normally. The next sweep runs the retries as a sweep
+    on Slurm runs any trials: a job each, reporting to the pruner through the database, its run on
+    the tracking server, the best crowned. ~2 min: the time limit, which Slurm checks every 30 s."""
     name = f"t{uuid.uuid4().hex[:10]}"
     env = {**local_stack.env(), **slurm_cluster.env()}
     args = [*server_args(overrides, name), *slurm_args(tmp_path), "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_retry=1"]
+    # no signal: Slurm ends the job at its limit; no checkpoints: the retries then train from epoch 0,
+    # as any trial of the next sweep does, rather than continue after their last endless epoch
     proc = start(["-m", *args, "hydra.sweeper.n_trials=2", "hydra.launcher.timeout_min=1", "epochs=100000",
-                  "hydra.launcher.signal_delay_s=0"], env, nice=NICE)  # no signal: Slurm ends the job at its limit
+                  "hydra.launcher.signal_delay_s=0", "checkpoint.enabled=false"], env, nice=NICE)
     try:
         wait_for_runs(local_stack, name, 2, proc)
         (cancelled,) = [job for job in job_ids(tmp_path) if job.endswith("_0")]  # trial 0: the batch's first
@@ -207,7 +190,8 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_
 
     reasons = {0: f"its Slurm job {cancelled} was cancelled",
                1: "reached its time limit (hydra.launcher.timeout_min=1)"}
-    states = sacct(slurm_cluster, job_ids(tmp_path))
+    ended = job_ids(tmp_path)
+    states = sacct(slurm_cluster, ended)
     assert states.pop(cancelled).startswith("CANCELLED") and list(states.values()) == ["TIMEOUT"]
     trials = load_study(local_stack, name).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
@@ -219,10 +203,24 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_with_the_
         assert trials[number + 2].system_attrs["retry_history"] == [number]
     assert parent.info.status == "FINISHED"
 
-    finish(start(["-m", *args, "hydra.sweeper.n_trials=2", "epochs=1"], env, nice=NICE))  # on: the retries
+    finish(start(["-m", *args, "hydra.sweeper.n_trials=2", "epochs=1"], env))  # on: the retries
     retried = load_study(local_stack, name).get_trials()
     assert len(retried) == 4 and {t.state for t in retried[2:]} <= FINISHED
     assert [t.params for t in retried[2:]] == [t.params for t in trials[:2]]
+    jobs = [job for job in job_ids(tmp_path) if job not in ended]
+    assert len(jobs) == 2 and set(sacct(slurm_cluster, jobs).values()) == {"COMPLETED"}  # one sbatch'd job each
+    assert all(t.intermediate_values for t in retried[2:])  # each job reported to the pruner through the database
+    client, (parent,), kids = study_runs(local_stack, name)
+    assert parent.info.status == "FINISHED"
+    for trial in retried[2:]:
+        run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FINISHED" and run.data.metrics["test_acc"] == trial.value
+    best = max((t for t in retried if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert parent.data.tags["best_run_id"] == best.user_attrs[RUN_ID_ATTR]
+    # other tests' sweeps share this registry: the champion is this study's best, or one at least as good
+    champion = client.get_run(client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION).run_id)
+    assert champion.data.metrics["test_acc"] >= best.value and tracking.MODEL_URI_TAG in champion.data.tags
+    assert tracking.MODEL_URI_TAG in client.get_run(best.user_attrs[RUN_ID_ATTR]).data.tags  # a model to crown
 
 
 @on_the_cluster
@@ -239,7 +237,7 @@ def test_a_trial_slurm_preempts_in_epoch_2_is_requeued_and_continues_to_the_accu
     (whole,) = runs_in(tmp_path / "whole")
     name = f"t{uuid.uuid4().hex[:10]}"
     env = {**local_stack.env(), **slurm_cluster.env()}
-    proc = start(["-m", *server_args(fixed, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=1"], env, nice=NICE)
+    proc = start(["-m", *server_args(fixed, name), *slurm_args(tmp_path), "hydra.sweeper.n_trials=1"], env)
     try:
         deadline = time.monotonic() + 300
         while True:  # until the trial's epoch 1 is checkpointed: epoch 2 is training

@@ -361,10 +361,13 @@ def saving_text(base: dict, run: dict) -> Row:
 
 
 def pruning_rows(searches: Mapping[str, dict]) -> Rows:
-    """The same search once per pruner, and what each pruner saved against none."""
-    return {**{f"search, pruner {name}": search_text(run) for name, run in searches.items()},
+    """The same search once per pruner, and what each pruner saved against none; a pruner with no
+    search (``--quick`` runs none and median alone) says so in its rows."""
+    skipped = (QUICK_SKIPS, "", "a search with each other pruner")
+    return {**{f"search, pruner {name}": search_text(searches[name]) if name in searches else skipped
+               for name in PRUNERS},
             **{f"wall time saved by {name} pruning": saving_text(searches["none"], searches[name])
-               for name in searches if name != "none"}}
+               if name in searches else skipped for name in PRUNERS if name != "none"}}
 
 
 def search_target_text(run: dict, target: float, on_val: bool) -> Row:
