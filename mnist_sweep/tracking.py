@@ -502,9 +502,13 @@ def log_pytorch_model(model: nn.Module, example: np.ndarray, model_format: str, 
         code_paths=[str(Path(__file__).parent)] if model_format == "pickle" else None,
         # explicit requirements: inferring them imports and inspects the model (slow)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+        # MLflow links to the model every metric the run logged at the model's step, and its default,
+        # 0, is the system metrics' first sample: the Models tab showed machine load as the model's
+        # scores. No metric has step -1: link_scores links the scores alone
+        step=-1,
     )
-    # Logging a model makes it MLflow's active model, to which every metric logged later (the system
-    # metrics' sampler's too) is linked: the Models tab would show machine load as the model's score
+    # Logging a model makes it MLflow's active model, to which every metric logged later in this
+    # thread is linked: the costs and scores are linked explicitly instead
     mlflow.clear_active_model()
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)  # models:/m-…: what evaluate, predict and the registry use
     return info.model_id

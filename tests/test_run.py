@@ -155,16 +155,17 @@ def test_in_process_run_returns_the_logged_final_accuracy(overrides, tmp_path):
 
 def test_a_run_samples_the_machine_into_its_system_metrics_unless_told_not_to(overrides, tmp_path, monkeypatch):
     """MLflow's monitor, sampling every 50 ms here: CPU and memory as ``system/…`` metrics, a step a
-    sample; with mlflow.system_metrics=false, none. Each run waits a second before it trains: a tiny
-    run holds the GIL for about a second, and on a loaded machine its monitor then sampled only once."""
+    sample, none of them the logged model's (MLflow links a run's metrics at the model's step to it);
+    with mlflow.system_metrics=false, none. Each run waits a second before it trains: a tiny run holds
+    the GIL for about a second, and on a loaded machine its monitor then sampled only once."""
     def after_a_second(*args, **kwargs):
         time.sleep(1)  # the monitor's thread samples meanwhile
         return train_until_done(*args, **kwargs)
 
     monkeypatch.setattr("mnist_sweep.run.train_until_done", after_a_second)
-    quick = [*overrides, "mlflow.model_format=null", "mlflow.system_metrics_interval=0.05"]
+    quick = [*overrides, "mlflow.system_metrics_interval=0.05"]
     run_in_process(quick, tmp_path / "on")
-    run_in_process([*quick, "mlflow.system_metrics=false"], tmp_path / "off")
+    run_in_process([*quick, "mlflow.system_metrics=false", "mlflow.model_format=null"], tmp_path / "off")
     client = store(tmp_path)
     on, off = client.search_runs([client.get_experiment_by_name("mnist_sweep").experiment_id],
                                  order_by=["attributes.start_time ASC"])
@@ -173,6 +174,9 @@ def test_a_run_samples_the_machine_into_its_system_metrics_unless_told_not_to(ov
     cpu = client.get_metric_history(on.info.run_id, "system/cpu_utilization_percentage")
     assert len(cpu) >= 2 and sorted(m.step for m in cpu) == list(range(len(cpu)))
     assert all(0 <= m.value <= 100 for m in cpu)
+    (model,) = client.search_logged_models([on.info.experiment_id])
+    assert model.source_run_id == on.info.run_id and {m.key for m in model.metrics} >= {"test_acc", "param_count"}
+    assert not [m.key for m in model.metrics if m.key.startswith("system/")]
     assert off.data.metrics.get("test_acc") and not [key for key in off.data.metrics if key.startswith("system/")]
 
 
