@@ -276,10 +276,10 @@ def pytest_sessionfinish(session) -> None:
     if hasattr(session.config, "workerinput"):
         return
     root = shared_root()
-    if (root / "stack").exists():
-        stack.stop(root / "stack")
-    if (root / "slurm").exists():
-        slurm.stop(root / "slurm")
+    stops = [(stop, root / name) for stop, name in ((stack.stop, "stack"), (slurm.stop, "slurm"))
+             if (root / name).exists()]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both at once: each mostly waits on its daemons' exit
+        list(pool.map(lambda stopping: stopping[0](stopping[1]), stops))
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -276,6 +276,7 @@ def test_synthetic_trials_report_at_the_steps_a_job_reports_at(tmp_path):
 
 
 def test_a_filled_study_holds_finished_trials_of_the_default_search(local_stack, monkeypatch):
+    """~20-30 s when loaded: 30 synthetic trials written to the session's PostgreSQL, a few round trips each."""
     monkeypatch.setenv("PGPASSFILE", str(local_stack.pgpass))
     space, pruner, _, checks = growth.search_config()
     name = f"growth-{uuid.uuid4().hex}"
@@ -352,6 +353,7 @@ def test_quick_benchmark_prints_and_writes_the_whole_table(overrides, local_stac
 
 @pytest.mark.slow
 def test_quick_growth_benchmark_times_every_call_at_each_size(overrides, local_stack, tmp_path):
+    """~25-50 s: the bench's process, its study filled to each quick size on the session's PostgreSQL."""
     out = bench_out(tmp_path)
     done = run_cli("mnist_sweep.bench", "--quick", "--growth", "--services", str(local_stack.root), "--out", str(out),
                    "--", *overrides, timeout=600)
@@ -402,6 +404,7 @@ def test_quick_search_benchmark_compares_the_default_sampler_with_and_without_th
 
 @pytest.mark.slow
 def test_quick_long_search_benchmark_runs_each_target_search(overrides, tmp_path):
+    """~30-75 s: the bench's process and one 2-trial sweep process per long search target."""
     out = bench_out(tmp_path)
     done = run_cli("mnist_sweep.bench", "--quick", "--long-search", "--out", str(out), "--", *overrides, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

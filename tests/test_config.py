@@ -172,6 +172,7 @@ def test_the_output_folder_is_made_before_hydra_writes_there_or_its_fault_is_one
 @pytest.mark.slow  # four processes
 @pytest.mark.parametrize("where", ["a file in the way", "a read-only disk"])
 def test_outputs_that_cannot_be_written_are_one_line_for_a_run_and_a_sweep(overrides, tmp_path, small_disk, where):
+    """Up to ~30 s a case on a loaded machine: a run and a sweep, each its own process, as a user meets the error."""
     if where == "a file in the way":
         (tmp_path / "notes.txt").write_text("")
         outputs, why = tmp_path / "notes.txt" / "outputs", "is a file, not a folder"

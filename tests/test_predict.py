@@ -80,6 +80,7 @@ def test_to_mnist_refuses_a_blank_image():
 
 
 def test_predict_gives_the_models_answer_on_mnist_pixels_and_names_bad_files(logged_model, overrides, tmp_path):
+    """~20-40 s: the module's logged model (a run) and the predict command in a process of its own."""
     folder = tmp_path / "images"
     folder.mkdir()
     digits = {"seven.png": seven(), "mirrored.png": seven()[:, ::-1]}

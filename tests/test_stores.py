@@ -63,6 +63,7 @@ def test_stores_server_reads_the_environment(monkeypatch):
 
 @pytest.mark.slow  # four processes
 def test_unreachable_servers_are_one_line_errors_before_training(overrides, tmp_path):
+    """~30 s: one process per unreachable store, as a user meets the error (each pays the imports)."""
     closed = free_port()
     cases = {
         "tracking server": (["stores=server"], {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed}",
@@ -87,6 +88,7 @@ def test_unreachable_servers_are_one_line_errors_before_training(overrides, tmp_
 
 @pytest.mark.slow
 def test_stores_server_without_its_environment_says_what_to_set(overrides):
+    """~15-30 s: a run and a sweep, each its own process with the variables taken out of its environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE")}
     for flags, variable in (([], "MLFLOW_TRACKING_URI"), (["-m"], "OPTUNA_STORAGE")):
         done = subprocess.run([sys.executable, "-m", "mnist_sweep", *flags, *overrides, "stores=server"],

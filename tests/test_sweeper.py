@@ -5,6 +5,7 @@ and on the real shared stores (PostgreSQL and an MLflow server: the ``local_stac
 import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from optuna.distributions import (CategoricalDistribution, DiscreteUniformDistri
 from optuna.trial import TrialState
 
 from conftest import (FINISHED, assert_each_job_ran_its_trial, assert_one_line_error, checkpoint_epoch,
-                      ended_pid, finish, load_study, run_cli, server_args, start, study_runs, sweep_here)
+                      ended_pid, finish, load_study, run_cli, server_args, shared, start, study_runs, sweep_here)
 from hydra_plugins.mnist_sweep import sweeper
 from mnist_sweep import registry, tracking
 from mnist_sweep.config import PROJECT_ROOT, ConfigError
@@ -402,6 +403,7 @@ def runs(tmp_path) -> tuple[MlflowClient, list, dict]:
 
 @pytest.mark.slow
 def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(overrides, tmp_path):
+    """~25 s: five trials in-process, each leader exporting a pt2 model (the champion must be one)."""
     overrides = [*overrides, "mlflow.model_format=pt2"]  # the champion the registry serves: a pt2 model
     sweep(overrides, "hydra.sweeper.n_trials=3")
     trials = study(tmp_path).get_trials()
@@ -469,6 +471,7 @@ def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_path):
+    """~30 s: joblib's two worker processes, each importing torch and MLflow."""
     sweep(overrides, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
           "hydra.sweeper.n_trials=4", "threads=0")
     trials = study(tmp_path).get_trials()
@@ -484,6 +487,7 @@ def test_two_joblib_workers_record_every_trial_in_both_stores(overrides, tmp_pat
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
+    """~30 s: a sweep process, interrupted once its trials run, then waited on to the end of its cleanup."""
     args = [sys.executable, "-m", "mnist_sweep", "-m", *overrides, "hydra.sweeper.n_trials=20", "epochs=5"]
     log = tmp_path / "sweep.log"
     # faulthandler: if the sweep ever hangs after Ctrl-C, SIGABRT makes it print every thread's stack
@@ -522,6 +526,7 @@ def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_started_together_share_one_study_and_one_parent(overrides, tmp_path):
+    """~30-40 s: two sweep processes started at once, which is the point."""
     workers = [start(["-m", *overrides, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / f'w{i}'}"])
                for i in range(2)]
     for proc in workers:
@@ -547,6 +552,7 @@ def test_two_workers_started_together_share_one_study_and_one_parent(overrides, 
 
 @pytest.mark.slow
 def test_a_lone_worker_replays_its_search_from_the_seed(overrides, tmp_path):
+    """~25-30 s: three 2-trial sweeps in-process: two seeded alike, one after a queued point."""
     for name in ("a", "b"):  # the shortest trials: only the points they draw matter here
         sweep(overrides, "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={name}", "mlflow.model_format=null")
     first = [t.params for t in study(tmp_path, "a").get_trials()]
@@ -606,6 +612,7 @@ def test_a_killed_workers_trial_fails_at_once_and_its_retry_takes_up_its_run_fro
 
 @pytest.mark.slow  # two processes
 def test_a_search_range_optuna_rejects_or_a_study_file_that_is_no_database_is_one_line(overrides, tmp_path):
+    """~30 s: three sweep processes, each ending in its one line as a user meets it."""
     bad = "optim.lr=tag(log, interval(-1, 0.1))"
     assert_one_line_error(run_cli("mnist_sweep", "-m", *overrides, bad), f"the search range {bad}", "`low > 0`")
     notes = tmp_path / "outputs" / "optuna.db"
@@ -648,6 +655,7 @@ def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
 @pytest.mark.slow
 def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path, capsys):
     # another worker's trials count against the study-wide cap: one finished, one still running
+    """~30 s: two sweeps in-process; the soft budget's trial runs past its 6 s budget, which is the point."""
     other = optuna.create_study(study_name="mnist_sweep", direction="maximize",
                                 storage=open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"))
     other.tell(other.ask(), 0.5)
@@ -723,6 +731,7 @@ def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, n
     # (This loopback MLflow server has no auth: it ignores the basic-auth credentials.)
     # The study's URI comes from the environment; the tracking URI is typed on the command line, so
     # it is in every job's overrides, config files and flattened params.
+    """~40-60 s: two worker processes on the session's PostgreSQL and tracking server, each exporting models."""
     env = {**local_stack.env(), "OPTUNA_STORAGE": with_password(local_stack.optuna_storage, "mnist_sweep", local_stack.password)}
     typed = f"mlflow.tracking_uri={with_password(local_stack.tracking_uri, 'alice', local_stack.password)}"
     workers = [start(["-m", *server_args(overrides, name), typed, "hydra.sweeper.n_trials=2",
@@ -782,6 +791,7 @@ def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, n
 
 @pytest.mark.slow
 def test_a_killed_worker_is_recovered_by_another(local_stack, overrides, name, monkeypatch):
+    """~30-45 s: a worker process killed mid-trial, the heartbeat's grace period (3 s), then a second worker."""
     heartbeat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
     doomed = start(["-m", *server_args(overrides, name), *heartbeat, "hydra.sweeper.n_trials=5", "epochs=30"],
                    local_stack.env())
@@ -816,6 +826,7 @@ def test_a_killed_worker_is_recovered_by_another(local_stack, overrides, name, m
 
 @pytest.mark.slow
 def test_a_submitit_local_sweep_keeps_the_trial_handover_and_pruning(local_stack, overrides, name, tmp_path):
+    """~50-60 s: submitit starts each trial as a job process of its own, and polls for it to end."""
     finish(start(["-m", *server_args(overrides, name), "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
                   f"hydra.launcher.submitit_folder='{tmp_path / 'submitit'}/%j'"], local_stack.env()))
     assert_each_job_ran_its_trial(local_stack, name, 2)
@@ -834,7 +845,9 @@ def answers(url: str) -> bool:
 @pytest.mark.slow
 def test_a_tracking_server_gone_longer_than_outage_s_stops_the_sweep_and_keeps_the_study(
         local_stack, overrides, name, tmp_path):
+    """~60 s: a tracking server of its own, stopped for longer than outage_s while a sweep process waits."""
     port = free_port()
+    shutil.copy(shared("mlflow_schema"), tmp_path / "mlflow.db")  # the server starts without making its tables
     server = subprocess.Popen(  # a tracking server of this test's own, to stop
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
