@@ -319,7 +319,7 @@ RESULTS = [
     (r"^tracking one trial", r"^(\d+\.\d\d s|n/a)$"),
     (r"^search, pruner (none|median)$", r"^\d+ s, best "),
     (r"^wall time saved by median", r"^(-?\d+% less, best [+-]\d+\.\d\d pt|n/a)$"),
-    (r"pruner hyperband$|by hyperband pruning$", f"^{report.QUICK_SKIPS}$"),  # the sweeper's tests run it
+    (r"pruner hyperband$|by hyperband pruning$", f"^{report.QUICK_SKIPS}$"),  # tests/test_search.py runs it
     (r"^GPU: ", r"^(no GPU|\d+\.\d s)"),
     (r"^augment=", r"^\d+\.\d\d s of warps$"),
     (r"^model costs: ", r"^\d+\.\d{3} (ms|s)$"),

@@ -1,5 +1,6 @@
-"""The default search's config groups: each sampler option (conf/hydra/sweeper/sampler) composes
-and runs, and the prior (conf/hydra/sweeper/prior) lies in the default search's space."""
+"""The default search's config groups: each sampler option (conf/hydra/sweeper/sampler) and each
+pruner option (conf/hydra/sweeper/pruner) composes and runs, and the prior
+(conf/hydra/sweeper/prior) lies in the default search's space."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mnist_sweep.hydra_plugin.sweeper import check_points, parse_space
 from mnist_sweep.trial import best_finished, open_storage
 
 SAMPLERS = options("hydra/sweeper/sampler")
+PRUNERS = options("hydra/sweeper/pruner")
 
 
 def sweeper_config(*overrides: str):
@@ -51,6 +53,25 @@ def test_each_sampler_option_runs_a_two_trial_sweep_and_the_default_reaches_98_p
                               storage=open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert best_finished(study).value >= 0.98
+
+
+@pytest.mark.parametrize("pruner", PRUNERS)
+def test_each_pruner_option_runs_a_two_trial_sweep_whose_trials_report_only_to_a_real_pruner(pruner, overrides,
+                                                                                               tmp_path, capsys):
+    """~5 s an option: the sweep seeds the pruner the option names, and its trials report checks
+    inside each epoch to it (none: the epochs' ends alone). The median pruner's decisions: tests/test_sweeper.py; what each
+    pruner saves on the real data: make bench."""
+    expected = sweeper_config(f"hydra/sweeper/pruner={pruner}").pruner._target_.rsplit(".", 1)[1]
+    sweep_here(*overrides, f"hydra/sweeper/pruner={pruner}", "hydra.sweeper.n_trials=2", "epochs=2",
+               "mlflow.model_format=null")
+    assert f"pruner {expected})" in capsys.readouterr().out
+    study = optuna.load_study(study_name="mnist_sweep",
+                              storage=open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"))
+    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert len(study.trials) == 2
+    steps = {step for t in study.trials for step in t.intermediate_values}
+    epoch_ends = {50, 100}  # percent of the training: the checks inside an epoch feed a pruner alone
+    assert steps == epoch_ends if expected == "NopPruner" else steps > epoch_ends
 
 
 def default_space() -> dict:

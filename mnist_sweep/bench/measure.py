@@ -218,7 +218,7 @@ def study_growth(bench: Bench) -> dict | str:
 
 def pruning(bench: Bench) -> dict[str, dict]:
     """The same seeded search once per pruner (``--quick``: none and median, which prove the rows;
-    the sweeper's tests run each pruner)."""
+    tests/test_search.py runs each pruner option)."""
     searches = {}
     for pruner in report.PRUNERS[:2] if bench.quick else report.PRUNERS:
         say(f"search with pruner {pruner}")
