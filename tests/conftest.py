@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mnist_sweep import data, registry, slurm, stack, tensors, tracking, train
 from mnist_sweep.config import CONF_DIR, PROJECT_ROOT
 from mnist_sweep.model import ConvNet
-from mnist_sweep.trial import RUN_ID_ATTR
+from mnist_sweep.trial import RUN_ID_ATTR, open_storage
 
 
 def options(group: str) -> list[str]:
@@ -193,7 +193,13 @@ def shared_root() -> Path:
 
 
 def _start_stack(root: Path) -> stack.Stack:
-    return stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
+    running = stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
+    # Optuna's tables, made now under the store's lock (open_storage): Optuna makes them at a client's
+    # first connection, and a test's plain optuna.load_study racing a sweep's first one on the fresh
+    # database collided (duplicate key: type studydirection)
+    os.environ["PGPASSFILE"] = str(running.pgpass)  # what libpq reads for the password
+    open_storage(running.optuna_storage)
+    return running
 
 
 def _start_slurm(root: Path) -> slurm.Cluster:
