@@ -10,15 +10,17 @@ its process and its sweeper record heartbeats, so a live worker can fail the tri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace, TracebackType
 from typing import TypeVar
 
@@ -90,6 +92,30 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 _CALLING = threading.local()  # a call made inside a patient call (Optuna's calls nest) waits in the outer one only
 
 
+@contextlib.contextmanager
+def ctrl_c_after_the_call() -> Iterator[None]:
+    """Ctrl-C during a call to the study's database is raised when the call has ended. Raised inside
+    SQLAlchemy's commit, or its return of the connection to the pool, it once left SQLite's write lock
+    held: every later call of the process (the interrupted trial's FAIL, the sweeper's) met "database
+    is locked", and the trial stayed RUNNING. Only the main thread receives Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_CALLING, "holding", False):
+        yield
+        return
+    pressed: list[object] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
+    _CALLING.holding = True
+    try:
+        yield
+    finally:
+        _CALLING.holding = False
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if pressed:
+            if callable(previous):
+                previous(signal.SIGINT, pressed[0])  # Python's KeyboardInterrupt, or the sweeper's own handler
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
 class PatientStorage(optuna.storages.RDBStorage):
     """Optuna's RDBStorage whose every call rides out an outage of its database shorter than
     ``outage_s`` (:func:`stores.ride_out`): a restart of the database server costs the sweeper and
@@ -104,12 +130,14 @@ class PatientStorage(optuna.storages.RDBStorage):
     def patiently(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
         """``call(*args, **kwargs)``, riding out an outage of this database (any query on its engine)."""
         if getattr(_CALLING, "now", False) or not self.outage_s:
-            return call(*args, **kwargs)
+            with ctrl_c_after_the_call():
+                return call(*args, **kwargs)
         failed = []
 
         def attempt() -> T:
             try:
-                return call(*args, **kwargs)
+                with ctrl_c_after_the_call():  # not its waits: Ctrl-C ends a wait for the database at once
+                    return call(*args, **kwargs)
             except Exception as err:
                 if stores.gone(err):
                     failed.append(err)

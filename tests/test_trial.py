@@ -2,7 +2,9 @@
 reports and at which step, when it stops, and how it ends."""
 
 import math
+import os
 import random
+import signal
 import threading
 import time
 import warnings
@@ -391,3 +393,27 @@ def test_a_trial_rides_out_a_real_restart_of_its_database(stack_alone, monkeypat
     (ended,) = study.get_trials()
     assert ended.state == TrialState.COMPLETE and ended.intermediate_values == {50: 0.5, 100: 0.6}
     assert "the study's database answers again" in caplog.text  # it did wait
+
+
+@pytest.mark.parametrize("outage_s", [0, 5])
+def test_ctrl_c_inside_a_call_to_the_study_database_is_raised_once_the_call_has_ended(tmp_path, outage_s):
+    """Raised mid-call (inside SQLAlchemy's commit), Ctrl-C once left SQLite's write lock held and the
+    interrupted trial RUNNING: the call's write lands first, then the KeyboardInterrupt."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", outage_s=outage_s)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    asked = study.ask()
+
+    def interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, while the call runs
+        time.sleep(0.2)  # a Python signal handler would raise here
+        optuna.storages.RDBStorage.set_trial_user_attr(storage, asked._trial_id, "written", True)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            storage.patiently(interrupted)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert storage.get_trial(asked._trial_id).user_attrs == {"written": True}
+    study.tell(asked, 0.5)  # the database's write lock is free
