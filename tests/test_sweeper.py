@@ -509,7 +509,7 @@ def test_ctrl_c_ends_the_sweep_cleanly(overrides, tmp_path):
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=300)  # ~1 s as a rule; once, in a full suite, over 120 s (not reproduced)
+            proc.wait(timeout=300)  # ~1 s; over 120 s were a Ctrl-C inside a store write (trial.ctrl_c_after_the_call)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
             proc.wait(timeout=60)
