@@ -98,22 +98,21 @@ def ctrl_c_after_the_call() -> Iterator[None]:
     SQLAlchemy's commit, or its return of the connection to the pool, it once left SQLite's write lock
     held: every later call of the process (the interrupted trial's FAIL, the sweeper's) met "database
     is locked", and the trial stayed RUNNING. Only the main thread receives Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread() or getattr(_CALLING, "holding", False):
+    previous = signal.getsignal(signal.SIGINT)  # Python's KeyboardInterrupt, or the sweeper's own handler
+    if (threading.current_thread() is not threading.main_thread() or getattr(_CALLING, "holding", False)
+            or not callable(previous)):  # ignored, or the system's default: nothing to hold
         yield
         return
     pressed: list[object] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
     _CALLING.holding = True
     try:
         yield
     finally:
         _CALLING.holding = False
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
         if pressed:
-            if callable(previous):
-                previous(signal.SIGINT, pressed[0])  # Python's KeyboardInterrupt, or the sweeper's own handler
-            elif previous != signal.SIG_IGN:
-                raise KeyboardInterrupt
+            previous(signal.SIGINT, pressed[0])
 
 
 class PatientStorage(optuna.storages.RDBStorage):

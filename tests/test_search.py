@@ -59,8 +59,8 @@ def test_each_sampler_option_runs_a_two_trial_sweep_and_the_default_reaches_98_p
 def test_each_pruner_option_runs_a_two_trial_sweep_whose_trials_report_only_to_a_real_pruner(pruner, overrides,
                                                                                                tmp_path, capsys):
     """~5 s an option: the sweep seeds the pruner the option names, and its trials report checks
-    inside each epoch to it (none: the epochs' ends alone). The median pruner's decisions: tests/test_sweeper.py; what each
-    pruner saves on the real data: make bench."""
+    inside each epoch to it (none: the epochs' ends alone). The median pruner's decisions:
+    tests/test_sweeper.py; what each pruner saves on the real data: make bench."""
     expected = sweeper_config(f"hydra/sweeper/pruner={pruner}").pruner._target_.rsplit(".", 1)[1]
     sweep_here(*overrides, f"hydra/sweeper/pruner={pruner}", "hydra.sweeper.n_trials=2", "epochs=2",
                "mlflow.model_format=null")
