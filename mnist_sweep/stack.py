@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -133,9 +134,13 @@ def _password(pgpass: Path) -> str:
 
 
 def _write_pgpass(pgpass: Path, host: str, port: int, password: str) -> None:
-    pgpass.touch(mode=0o600)  # libpq ignores a password file that others can read
-    pgpass.chmod(0o600)
-    pgpass.write_text(f"{host}:{port}:*:{ROLE}:{password}\n")
+    # A new file put in place whole: every start rewrites it, and a worker's libpq reading it just
+    # then found it empty ("no password supplied"). mkstemp makes it 0600: libpq ignores a password
+    # file that others can read.
+    fd, written = tempfile.mkstemp(dir=pgpass.parent, prefix=f".{pgpass.name}.")
+    with os.fdopen(fd, "w") as file:
+        file.write(f"{host}:{port}:*:{ROLE}:{password}\n")
+    os.replace(written, pgpass)
 
 
 def _init_postgres(bindir: Path, paths: dict[str, Path], password: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import run_cli
-from mnist_sweep.stack import ROLE, start, stop
+from mnist_sweep.stack import ROLE, _write_pgpass, start, stop
 
 pytestmark = pytest.mark.slow  # the session's real servers, stopped and started again by one test
 
@@ -35,6 +35,17 @@ def test_postgres_admits_the_role_through_pgpass_only(local_stack, monkeypatch, 
         psycopg.connect(**server, password="not-" + local_stack.password)
     with pytest.raises(psycopg.OperationalError, match="no password supplied"):
         psycopg.connect(**server, passfile=str(tmp_path / "no-such-pgpass"))
+
+
+def test_a_reader_of_the_password_file_as_a_start_rewrites_it_reads_a_whole_file(tmp_path):
+    pgpass = tmp_path / "pgpass"
+    _write_pgpass(pgpass, "127.0.0.1", 5433, "old")
+    with pgpass.open() as reader:  # a worker's libpq, opening the file as `make services` starts again
+        _write_pgpass(pgpass, "127.0.0.1", 5434, "new")
+        assert reader.read() == f"127.0.0.1:5433:*:{ROLE}:old\n"  # rewritten in place, it read the new or nothing
+    assert pgpass.read_text() == f"127.0.0.1:5434:*:{ROLE}:new\n"
+    assert pgpass.stat().st_mode & 0o777 == 0o600
+    assert [path.name for path in tmp_path.iterdir()] == ["pgpass"]  # nothing left beside it
 
 
 def test_the_tracking_server_keeps_runs_in_postgres_and_serves_their_artifacts(local_stack, monkeypatch, tmp_path):
