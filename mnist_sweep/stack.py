@@ -1,4 +1,4 @@
-"""``python -m mnist_sweep.stack start|stop [root=DIR] [host=ADDR] [pg_port=N] [mlflow_port=N]``:
+"""``python -m mnist_sweep.stack start|stop [root=DIR] [host=ADDR] [pg_port=N] [mlflow_port=N] [mlflow_workers=N]``:
 the local stack of shared stores a team runs, behind ``make services`` and ``make services-stop``.
 
 Two servers on this machine: PostgreSQL (the machine's packages), holding the Optuna study in
@@ -36,6 +36,10 @@ DEFAULT_ROOT = PROJECT_ROOT / "outputs" / "services"
 ROLE = "mnist_sweep"  # the one database role: owner of both databases, password from PGPASSFILE
 DATABASES = ("optuna", "mlflow")
 MLFLOW_WAIT_S = 60  # the first start creates MLflow's tables, which takes a while on a busy machine
+# The tracking server's uvicorn workers: one a core, at most MLflow's own default of 4. Each is a
+# whole MLflow process, ~5 CPU-s to start (AMD EPYC), which a restart pays again: more than a core
+# each cannot run at once anyway.
+MLFLOW_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Stack:
     tracking_uri: str
     pgpass: Path
     password: str  # for tests that deliberately put it into a URI
+    mlflow_workers: int  # the tracking server's uvicorn workers
 
     def env(self) -> dict[str, str]:
         """What a worker exports to use these stores (``stores=server`` reads the first two)."""
@@ -186,11 +191,11 @@ def _create_databases(host: str, port: int, pgpass: Path) -> None:
 
 def _start_mlflow(stack: Stack, paths: dict[str, Path]) -> int:
     # No job execution: it runs GenAI jobs (LLM judges, trace archival) in 8 more Python processes
-    # beside the 4 uvicorn workers, and this project has none.
+    # beside the uvicorn workers, and this project has none.
     env = {**os.environ, "PGPASSFILE": str(stack.pgpass), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", stack.mlflow_backend,
            "--artifacts-destination", str(paths["artifacts"]), "--serve-artifacts",
-           "--host", stack.host, "--port", str(stack.mlflow_port)]
+           "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", str(stack.mlflow_workers)]
     with paths["mlflow_log"].open("ab") as log:
         # a session of its own: it outlives this process, and stop() ends it with its uvicorn workers
         server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -214,9 +219,11 @@ def _wait_for_mlflow(stack: Stack, pid: int, log: Path) -> None:
 
 
 def start(root: Path = DEFAULT_ROOT, host: str = "127.0.0.1", pg_port: int = 5433,
-          mlflow_port: int = 5050) -> Stack:
+          mlflow_port: int = 5050, mlflow_workers: int | None = None) -> Stack:
     """Start PostgreSQL and the MLflow server with their data under ``root`` (made on the first
-    call) and return them. A server that already runs is kept, with the host and port it runs on.
+    call) and return them. A server that already runs is kept, with the host and port it runs on;
+    the MLflow server starts with ``mlflow_workers`` (unsaid: as many as it last had, else
+    ``MLFLOW_WORKERS``), so that a restart serves as the server before it.
 
     As root, PostgreSQL runs as the user ``postgres``, who must be able to reach ``root``.
     """
@@ -237,12 +244,15 @@ def start(root: Path = DEFAULT_ROOT, host: str = "127.0.0.1", pg_port: int = 543
     if postgres_up:
         host, pg_port = saved["host"], saved["pg_port"]
     if mlflow_pid is not None:
-        mlflow_port = saved["mlflow_port"]
-    paths["state"].write_text(json.dumps({"host": host, "pg_port": pg_port, "mlflow_port": mlflow_port}))
+        mlflow_port, mlflow_workers = saved["mlflow_port"], saved.get("mlflow_workers")
+    mlflow_workers = mlflow_workers or saved.get("mlflow_workers", MLFLOW_WORKERS)
+    paths["state"].write_text(json.dumps({"host": host, "pg_port": pg_port, "mlflow_port": mlflow_port,
+                                          "mlflow_workers": mlflow_workers}))
     database = f"postgresql+psycopg://{ROLE}@{host}:{pg_port}"  # psycopg 3, SQLAlchemy 2's PostgreSQL driver
     stack = Stack(root=root, host=host, pg_port=pg_port, mlflow_port=mlflow_port,
                         optuna_storage=f"{database}/optuna", mlflow_backend=f"{database}/mlflow",
-                        tracking_uri=f"http://{host}:{mlflow_port}", pgpass=paths["pgpass"], password=password)
+                        tracking_uri=f"http://{host}:{mlflow_port}", pgpass=paths["pgpass"], password=password,
+                        mlflow_workers=mlflow_workers)
     if not postgres_up:
         _start_postgres(bindir, paths, host, pg_port)
     _write_pgpass(paths["pgpass"], host, pg_port, password)
@@ -296,24 +306,33 @@ def _port(key: str, values: list[str], default: int) -> int:
     return int(values[-1])
 
 
+def _workers(values: list[str]) -> int | None:
+    if not values:
+        return None
+    if not values[-1].isdigit() or int(values[-1]) < 1:
+        raise ValueError(f"mlflow_workers must be a whole number, at least 1 (got {values[-1]!r})")
+    return int(values[-1])
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     if command not in ("start", "stop"):
         raise ValueError(f"say start or stop (got {command!r})")
-    args, unknown = split_args(argv[1:], ("root", "host", "pg_port", "mlflow_port"))
+    args, unknown = split_args(argv[1:], ("root", "host", "pg_port", "mlflow_port", "mlflow_workers"))
     if unknown:
         raise ValueError(f"unknown argument {unknown[0]!r}: the arguments are root=DIR host=ADDR "
-                         "pg_port=N mlflow_port=N")
+                         "pg_port=N mlflow_port=N mlflow_workers=N")
     root = Path(args["root"][-1]) if args["root"] else DEFAULT_ROOT
     if command == "stop":
         stop(root)
         print(f"stopped the stack under {root}")
         return 0
     stack = start(root, args["host"][-1] if args["host"] else "127.0.0.1",
-                     _port("pg_port", args["pg_port"], 5433), _port("mlflow_port", args["mlflow_port"], 5050))
+                  _port("pg_port", args["pg_port"], 5433), _port("mlflow_port", args["mlflow_port"], 5050),
+                  _workers(args["mlflow_workers"]))
     print(f"PostgreSQL on {stack.host}:{stack.pg_port}: databases {', '.join(DATABASES)}, role {ROLE}, "
           f"its password in {stack.pgpass}")
-    print(f"MLflow tracking server on {stack.tracking_uri}: artifacts in {stack.root / 'mlartifacts'}, "
+    print(f"MLflow tracking server on {stack.tracking_uri} ({stack.mlflow_workers} workers): artifacts in {stack.root / 'mlartifacts'}, "
           f"log in {stack.root / 'mlflow.log'}")
     print("Export these, then sweep with: python -m mnist_sweep -m stores=server")
     print("export " + " ".join(f"{key}={shlex.quote(value)}" for key, value in stack.env().items()))

@@ -193,7 +193,9 @@ def shared_root() -> Path:
 
 
 def _start_stack(root: Path) -> stack.Stack:
-    running = stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port())
+    # one uvicorn worker: the tests need no throughput, and each more is an MLflow process to start
+    # (~5 CPU-s) at the session's start and at every restart a test makes
+    running = stack.start(root, pg_port=stack.free_port(), mlflow_port=stack.free_port(), mlflow_workers=1)
     # Optuna's tables, made now under the store's lock (open_storage): Optuna makes them at a client's
     # first connection, and a test's plain optuna.load_study racing a sweep's first one on the fresh
     # database collided (duplicate key: type studydirection)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import psutil
 import psycopg
 import pytest
 from mlflow import MlflowClient
 
 from conftest import run_cli
-from mnist_sweep.stack import ROLE, _write_pgpass, start, stop
+from mnist_sweep.stack import ROLE, _write_pgpass, main, start, stop
 
 pytestmark = pytest.mark.slow  # the session's real servers, stopped and started again by one test
 
@@ -75,6 +76,13 @@ def test_the_tracking_server_keeps_runs_in_postgres_and_serves_their_artifacts(l
     assert Path(local).read_text() == "seven"
 
 
+@pytest.mark.parametrize("arg", ["mlflow_workers=0", "mlflow_workers=two"])
+def test_a_worker_count_that_is_no_whole_number_is_one_line_before_anything_starts(arg, tmp_path):
+    with pytest.raises(ValueError, match=r"^mlflow_workers must be a whole number, at least 1 \(got '(0|two)'\)$"):
+        main(["start", f"root={tmp_path / 'services'}", arg])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_second_start_returns_the_running_stack(local_stack):
     pid = (local_stack.root / "mlflow.pid").read_text()
     assert start(local_stack.root, pg_port=1, mlflow_port=2) == local_stack  # the ports they run on, not these
@@ -109,4 +117,10 @@ def test_stop_stops_both_and_start_resumes_their_data(stack_alone, monkeypatch):
     stop(local_stack.root)  # nothing runs: nothing to do
 
     assert start(local_stack.root, pg_port=local_stack.pg_port, mlflow_port=local_stack.mlflow_port) == local_stack
+    # the session's one uvicorn worker (conftest), kept by the restart: the server and the uvicorn
+    # it starts, serving in its own process (more workers: a supervisor and a process each)
+    assert local_stack.mlflow_workers == 1
+    server = psutil.Process(int((local_stack.root / "mlflow.pid").read_text()))
+    (uvicorn,) = server.children(recursive=True)
+    assert uvicorn.cmdline()[1:3] == ["-m", "uvicorn"] and "--workers 1 " in " ".join(uvicorn.cmdline()) + " "
     assert len(optuna.load_study(study_name=name, storage=local_stack.optuna_storage).trials) == 1

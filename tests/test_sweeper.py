@@ -848,9 +848,10 @@ def test_a_tracking_server_gone_longer_than_outage_s_stops_the_sweep_and_keeps_t
     """~60 s: a tracking server of its own, stopped for longer than outage_s while a sweep process waits."""
     port = free_port()
     shutil.copy(shared("mlflow_schema"), tmp_path / "mlflow.db")  # the server starts without making its tables
-    server = subprocess.Popen(  # a tracking server of this test's own, to stop
+    server = subprocess.Popen(  # a tracking server of this test's own, to stop; as light as make ui's
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         env = {**local_stack.env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
