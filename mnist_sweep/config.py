@@ -52,6 +52,7 @@ class MlflowConfig:
     log_models: str = "best"
     system_metrics: bool = MISSING
     system_metrics_interval: float = MISSING
+    study_plots: bool = MISSING
 
 
 @dataclass

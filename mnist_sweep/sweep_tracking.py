@@ -41,10 +41,10 @@ class MlflowStudy:
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None, http_retries: int,
                  http_timeout: int, study_storage: str, cost: str | None = None,
-                 min_accuracy: float | None = None, outage_s: float = 0) -> None:
+                 min_accuracy: float | None = None, outage_s: float = 0, plots: bool = True) -> None:
         self.tracking_uri, self.experiment, self.artifact_root = tracking_uri, experiment, artifact_root
         self.http_retries, self.http_timeout, self.outage_s = http_retries, http_timeout, outage_s
-        self.study_storage = study_storage
+        self.study_storage, self.plots = study_storage, plots
         self.cost, self.min_accuracy = cost, min_accuracy  # a Pareto search's (hydra/sweeper=pareto)
         self.parent_id: str | None = None
 
@@ -85,7 +85,7 @@ class MlflowStudy:
                 experiment_id = client.get_run(self.parent_id).info.experiment_id
                 end_orphaned_runs(client, experiment_id, study)
                 best = best_run(client, study)
-                summarize(client, self.parent_id, study, best, results_file)
+                summarize(client, self.parent_id, study, best, results_file, self.plots)
                 if best is not None:
                     promote(client, champion_run(client, experiment_id, study, best), self.cost, self.min_accuracy)
             finally:  # a summary that failed still leaves no parent RUNNING behind the last worker
@@ -162,9 +162,10 @@ def champion_run(client: MlflowClient, experiment_id: str, study: optuna.Study, 
                 best)
 
 
-def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: Run | None, results_file: str) -> None:
+def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: Run | None, results_file: str,
+              plots: bool) -> None:
     """The study so far on its parent: best value and params (tags: they change as the study
-    grows), ``optimization_results.yaml`` and the plots."""
+    grows), ``optimization_results.yaml`` and, with ``plots``, the plots."""
     finished = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
     if best is not None:
         client.log_metric(parent_id, "best_test_acc", best.data.metrics["test_acc"], step=len(finished))
@@ -179,7 +180,8 @@ def summarize(client: MlflowClient, parent_id: str, study: optuna.Study, best: R
         client.log_artifact(parent_id, results_file)
     if is_pareto(study):
         log_front(client, parent_id, study)
-    log_study_plots(client, parent_id, study)
+    if plots:
+        log_study_plots(client, parent_id, study)
 
 
 def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:

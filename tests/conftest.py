@@ -93,6 +93,9 @@ def overrides(tiny_mnist, tmp_path) -> list[str]:
         # a run's model as a pickle: pt2's torch.export costs a process seconds, and only the tests of
         # the format and of loading the champion need it (they say mlflow.model_format=pt2)
         "mlflow.model_format=pickle",
+        # no study plots at a sweep's end (~2.5 CPU-s at each worker's close): the tests of the plots
+        # say mlflow.study_plots=true
+        "mlflow.study_plots=false",
     ]
 
 

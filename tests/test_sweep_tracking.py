@@ -74,6 +74,16 @@ def test_closing_summarises_crowns_the_best_and_ends_the_parent_once_no_trial_ru
     assert client.get_run(tracker.parent_id).info.status == "KILLED"  # Ctrl-C ended the sweep
 
 
+def test_told_no_plots_the_summary_has_all_but_the_plots(stores_, tmp_path):
+    tracker, study, client = stores_
+    tracker.plots = False  # as mlflow.study_plots=false builds it
+    best = trial_run(client, study, tracker.parent_id, 0.9, model=True)
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    parent = client.get_run(tracker.parent_id)
+    assert parent.data.tags["best_run_id"] == best and parent.info.status == "FINISHED"
+    assert client.list_artifacts(tracker.parent_id, "plots") == []
+
+
 def test_a_dead_workers_run_is_ended_failed_with_the_reason(stores_, tmp_path):
     tracker, study, client = stores_
     orphan = trial_run(client, study, tracker.parent_id, None, model=False)

@@ -405,7 +405,7 @@ def runs(tmp_path) -> tuple[MlflowClient, list, dict]:
 def test_sweep_records_study_parent_children_plots_and_champion_then_resumes(overrides, tmp_path):
     """~25 s: five trials in-process, each leader exporting a pt2 model (the champion must be one)."""
     overrides = [*overrides, "mlflow.model_format=pt2"]  # the champion the registry serves: a pt2 model
-    sweep(overrides, "hydra.sweeper.n_trials=3")
+    sweep(overrides, "hydra.sweeper.n_trials=3", "mlflow.study_plots=true")
     trials = study(tmp_path).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
@@ -464,9 +464,10 @@ def test_a_diverging_trial_does_not_stop_the_sweep(overrides, tmp_path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials) and len(trials) == 4
     diverged = [t for t in trials if t.params["optim.lr"] == 1e8]
     assert diverged and all(t.value == 0.0 for t in diverged)
-    _, (parent,), children = runs(tmp_path)
+    client, (parent,), children = runs(tmp_path)
     statuses = sorted(k.info.status for k in children[parent.info.run_id])
     assert "FAILED" in statuses and "FINISHED" in statuses and parent.info.status == "FINISHED"
+    assert client.list_artifacts(parent.info.run_id, "plots") == []  # mlflow.study_plots=false (the tests')
 
 
 @pytest.mark.slow
@@ -888,7 +889,7 @@ def test_a_tracking_server_gone_longer_than_outage_s_stops_the_sweep_and_keeps_t
 def test_a_pareto_search_weighs_accuracy_against_cost_logs_its_front_and_crowns_the_cheapest_feasible(
         overrides, tmp_path, capsys):
     sweep(overrides, "hydra/sweeper=pareto", "hydra.sweeper.n_trials=3", "sweep.min_accuracy=0.3",
-                 "model=shallow", "model.channels=choice(4, 8)", "optim.lr=choice(0.05, 1e-6)",
+                 "mlflow.study_plots=true", "model=shallow", "model.channels=choice(4, 8)", "optim.lr=choice(0.05, 1e-6)",
                  "hydra.sweeper.enqueue=[{optim.lr:1e-6,model.channels:4},{optim.lr:0.05,model.channels:4},"
                  "{optim.lr:0.05,model.channels:8}]")
     assert "a Pareto search (test_acc, then param_count): pruning is off" in capsys.readouterr().out
