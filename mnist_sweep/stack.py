@@ -1,5 +1,6 @@
-"""``python -m mnist_sweep.stack start|stop [root=DIR] [host=ADDR] [pg_port=N] [mlflow_port=N] [mlflow_workers=N]``:
-the local stack of shared stores a team runs, behind ``make services`` and ``make services-stop``.
+"""``python -m mnist_sweep.stack start|stop [root=DIR] [host=ADDR] [pg_port=N] [mlflow_port=N]
+[mlflow_workers=N]`` (start only): the local stack of shared stores a team runs, behind ``make services``
+and ``make services-stop``.
 
 Two servers on this machine: PostgreSQL (the machine's packages), holding the Optuna study in
 database ``optuna`` and MLflow's runs in ``mlflow``, and an ``mlflow server`` backed by it that
@@ -243,9 +244,10 @@ def start(root: Path = DEFAULT_ROOT, host: str = "127.0.0.1", pg_port: int = 543
     mlflow_pid = _mlflow_pid(paths["mlflow_pid"])
     if postgres_up:
         host, pg_port = saved["host"], saved["pg_port"]
-    if mlflow_pid is not None:
-        mlflow_port, mlflow_workers = saved["mlflow_port"], saved.get("mlflow_workers")
-    mlflow_workers = mlflow_workers or saved.get("mlflow_workers", MLFLOW_WORKERS)
+    if mlflow_pid is not None:  # the running server's
+        mlflow_port, mlflow_workers = saved["mlflow_port"], saved.get("mlflow_workers", MLFLOW_WORKERS)
+    elif mlflow_workers is None:  # as many as it last had
+        mlflow_workers = saved.get("mlflow_workers", MLFLOW_WORKERS)
     paths["state"].write_text(json.dumps({"host": host, "pg_port": pg_port, "mlflow_port": mlflow_port,
                                           "mlflow_workers": mlflow_workers}))
     database = f"postgresql+psycopg://{ROLE}@{host}:{pg_port}"  # psycopg 3, SQLAlchemy 2's PostgreSQL driver
@@ -298,20 +300,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _port(key: str, values: list[str], default: int) -> int:
+def _number(key: str, values: list[str], default: int | None, low: int, high: int, what: str) -> int | None:
+    """The last of ``key``'s values as a whole number from ``low`` to ``high`` (``what`` says so)."""
     if not values:
         return default
-    if not values[-1].isdigit() or not 0 < int(values[-1]) < 65536:
-        raise ValueError(f"{key} must be a port number, 1 to 65535 (got {values[-1]!r})")
+    if not values[-1].isdigit() or not low <= int(values[-1]) <= high:
+        raise ValueError(f"{key} must be {what} (got {values[-1]!r})")
     return int(values[-1])
 
 
-def _workers(values: list[str]) -> int | None:
-    if not values:
-        return None
-    if not values[-1].isdigit() or int(values[-1]) < 1:
-        raise ValueError(f"mlflow_workers must be a whole number, at least 1 (got {values[-1]!r})")
-    return int(values[-1])
+def _port(key: str, values: list[str], default: int) -> int:
+    return _number(key, values, default, 1, 65535, "a port number, 1 to 65535")
 
 
 def main(argv: list[str]) -> int:
@@ -329,11 +328,12 @@ def main(argv: list[str]) -> int:
         return 0
     stack = start(root, args["host"][-1] if args["host"] else "127.0.0.1",
                   _port("pg_port", args["pg_port"], 5433), _port("mlflow_port", args["mlflow_port"], 5050),
-                  _workers(args["mlflow_workers"]))
+                  _number("mlflow_workers", args["mlflow_workers"], None, 1, sys.maxsize,
+                          "a whole number, at least 1"))
     print(f"PostgreSQL on {stack.host}:{stack.pg_port}: databases {', '.join(DATABASES)}, role {ROLE}, "
           f"its password in {stack.pgpass}")
-    print(f"MLflow tracking server on {stack.tracking_uri} ({stack.mlflow_workers} workers): artifacts in {stack.root / 'mlartifacts'}, "
-          f"log in {stack.root / 'mlflow.log'}")
+    print(f"MLflow tracking server on {stack.tracking_uri} ({stack.mlflow_workers} workers): artifacts in "
+          f"{stack.root / 'mlartifacts'}, log in {stack.root / 'mlflow.log'}")
     print("Export these, then sweep with: python -m mnist_sweep -m stores=server")
     print("export " + " ".join(f"{key}={shlex.quote(value)}" for key, value in stack.env().items()))
     return 0

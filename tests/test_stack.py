@@ -43,7 +43,8 @@ def test_a_reader_of_the_password_file_as_a_start_rewrites_it_reads_a_whole_file
     _write_pgpass(pgpass, "127.0.0.1", 5433, "old")
     with pgpass.open() as reader:  # a worker's libpq, opening the file as `make services` starts again
         _write_pgpass(pgpass, "127.0.0.1", 5434, "new")
-        assert reader.read() == f"127.0.0.1:5433:*:{ROLE}:old\n"  # rewritten in place, it read the new or nothing
+        # rewritten in place, the reader read the new file or nothing
+        assert reader.read() == f"127.0.0.1:5433:*:{ROLE}:old\n"
     assert pgpass.read_text() == f"127.0.0.1:5434:*:{ROLE}:new\n"
     assert pgpass.stat().st_mode & 0o777 == 0o600
     assert [path.name for path in tmp_path.iterdir()] == ["pgpass"]  # nothing left beside it

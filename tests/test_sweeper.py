@@ -889,7 +889,8 @@ def test_a_tracking_server_gone_longer_than_outage_s_stops_the_sweep_and_keeps_t
 def test_a_pareto_search_weighs_accuracy_against_cost_logs_its_front_and_crowns_the_cheapest_feasible(
         overrides, tmp_path, capsys):
     sweep(overrides, "hydra/sweeper=pareto", "hydra.sweeper.n_trials=3", "sweep.min_accuracy=0.3",
-                 "mlflow.study_plots=true", "model=shallow", "model.channels=choice(4, 8)", "optim.lr=choice(0.05, 1e-6)",
+                 "mlflow.study_plots=true", "model=shallow", "model.channels=choice(4, 8)",
+                 "optim.lr=choice(0.05, 1e-6)",
                  "hydra.sweeper.enqueue=[{optim.lr:1e-6,model.channels:4},{optim.lr:0.05,model.channels:4},"
                  "{optim.lr:0.05,model.channels:8}]")
     assert "a Pareto search (test_acc, then param_count): pruning is off" in capsys.readouterr().out
