@@ -139,11 +139,17 @@ def slurm_args(tmp_path) -> list[str]:
             f"hydra.launcher.submitit_folder='{tmp_path / 'submitit'}/%j'"]
 
 
-def sacct(cluster: slurm.Cluster, job_ids: list[str]) -> dict[str, str]:
-    """Each job's state in Slurm's accounting."""
-    done = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                          env={**os.environ, **cluster.env()}, capture_output=True, text=True, check=True)
-    return dict(line.split("|") for line in done.stdout.splitlines())
+def sacct(cluster: slurm.Cluster, job_ids: list[str], *options: str) -> list[tuple[str, str]]:
+    """Each job's records in Slurm's accounting, (job id, state), once none is still running: the
+    sweep may read a job's result before slurmd has told the accounting that the job ended."""
+    for _ in range(120):
+        done = subprocess.run(["sacct", "-X", "-n", "-P", *options, "-o", "JobID,State", "-j", ",".join(job_ids)],
+                              env={**os.environ, **cluster.env()}, capture_output=True, text=True, check=True)
+        records = [tuple(line.split("|")) for line in done.stdout.splitlines()]
+        if not {state for _, state in records} & {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}:
+            return records
+        time.sleep(0.5)
+    raise AssertionError(f"Slurm's accounting still has jobs running after 60 s: {records}")
 
 
 def job_ids(tmp_path, pattern: str = r"\d+_\d+") -> list[str]:
@@ -191,7 +197,7 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_and_the_n
     reasons = {0: f"its Slurm job {cancelled} was cancelled",
                1: "reached its time limit (hydra.launcher.timeout_min=1)"}
     ended = job_ids(tmp_path)
-    states = sacct(slurm_cluster, ended)
+    states = dict(sacct(slurm_cluster, ended))
     assert states.pop(cancelled).startswith("CANCELLED") and list(states.values()) == ["TIMEOUT"]
     trials = load_study(local_stack, name).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
@@ -208,7 +214,7 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_and_the_n
     assert len(retried) == 4 and {t.state for t in retried[2:]} <= FINISHED
     assert [t.params for t in retried[2:]] == [t.params for t in trials[:2]]
     jobs = [job for job in job_ids(tmp_path) if job not in ended]
-    assert len(jobs) == 2 and set(sacct(slurm_cluster, jobs).values()) == {"COMPLETED"}  # one sbatch'd job each
+    assert len(jobs) == 2 and {state for _, state in sacct(slurm_cluster, jobs)} == {"COMPLETED"}  # one sbatch'd job each
     assert all(t.intermediate_values for t in retried[2:])  # each job reported to the pruner through the database
     client, (parent,), kids = study_runs(local_stack, name)
     assert parent.info.status == "FINISHED"
@@ -259,9 +265,8 @@ def test_a_trial_slurm_preempts_in_epoch_2_is_requeued_and_continues_to_the_accu
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.tags[tracking.RESUMED_TAG] == "after epoch 1" and tracking.REQUEUED_TAG in run.data.tags
     assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [1, 2, 3]
-    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
-                            text=True, check=True, env={**os.environ, **slurm_cluster.env()}).stdout.split()
-    assert states == ["REQUEUED", "COMPLETED"]  # one job, requeued once, then done
+    # -D: every record of the job, the requeued one's too
+    assert sacct(slurm_cluster, [job], "-D") == [(job, "REQUEUED"), (job, "COMPLETED")]  # requeued once, then done
 
 
 def refused(port: int) -> bool:
