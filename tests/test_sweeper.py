@@ -16,6 +16,7 @@ import uuid
 import warnings
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -184,6 +185,28 @@ def test_a_swallowed_ctrl_c_is_still_remembered():
             pass  # what Python does to one raised in a garbage-collector callback
         assert interrupted.is_set()  # so the sweep loop still stops before its next trial
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_that_lands_while_a_trial_is_asked_fails_that_trial_and_stops_the_sweep(storage):
+    """Here the Ctrl-C comes after the trial exists, where a sampler would still be drawing its
+    params: raised there, it once left the trial RUNNING for good, and the study's parent run with it."""
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+
+    def ask(study, storage, space, fixed):
+        trial = study.ask()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs here
+        return trial, ()
+
+    def launch(overrides, initial_job_idx):
+        raise AssertionError("a batch Ctrl-C stopped was launched")
+
+    this = SimpleNamespace(finish_running=False, n_trials=3, n_jobs=1, max_trials=None, timeout=None, _ask=ask,
+                           tracker=SimpleNamespace(check=lambda study: None), launcher=SimpleNamespace(launch=launch),
+                           heartbeat_interval=None, job_idx=0, max_failure_rate=0.0)
+    with sweeper.ctrl_c_remembered() as interrupted, pytest.raises(KeyboardInterrupt):
+        sweeper.StudySweeper._run_batches(this, study, storage, {}, {}, interrupted, math.inf)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
 
 
 def test_the_search_space_is_the_plugins_and_a_range_optuna_rejects_is_one_line_naming_it():

@@ -41,7 +41,7 @@ from mnist_sweep.cli import one_line_errors
 from mnist_sweep.config import ConfigError
 from mnist_sweep.registry import selection_metric
 from mnist_sweep.trial import (FAILURE_ATTR, WORKER_ATTR, Heartbeat, JobEnded, PatientStorage, StudyError,
-                               best_finished, open_storage, trial_id, worker_gone)
+                               best_finished, ctrl_c_after_the_call, open_storage, trial_id, worker_gone)
 
 log = logging.getLogger("mnist_sweep.sweeper")
 
@@ -150,9 +150,15 @@ class StudySweeper(OptunaSweeperImpl):
             if not size:
                 log.info("%s", why_none.format(max_trials=self.max_trials, timeout=self.timeout))
                 return
-            trials = [self._ask(study, storage, space, fixed) for _ in range(size)]
-            overrides = [(*params, *handover(study.study_name, trial.number, job_deadline)) for trial, params in trials]
+            trials: list[tuple[optuna.trial.Trial, tuple[str, ...]]] = []
             try:
+                # Ctrl-C while the batch is asked lands once it is (a sampler's milliseconds; in a
+                # database outage, up to outage_s): every trial asked is then failed below. Raised inside
+                # an ask, it left that trial RUNNING for good, and the study's parent run with it
+                with ctrl_c_after_the_call():
+                    trials.extend(self._ask(study, storage, space, fixed) for _ in range(size))
+                overrides = [(*params, *handover(study.study_name, trial.number, job_deadline))
+                             for trial, params in trials]
                 with Heartbeat(storage, [trial_id(t) for t, _ in trials], self.heartbeat_interval):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except BaseException as stop:  # Ctrl-C, a launcher crash, a job's one-line error: these trials end
