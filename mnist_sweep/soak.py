@@ -1,5 +1,5 @@
 """``python -m mnist_sweep.soak [trials=60] [workers=3] [minutes=20] [rounds=2] [first=30] [every=45]
-[root=DIR] [override ...]``: the soak behind ``make soak``. Many tiny trials on the shared stores
+[server_workers=N] [root=DIR] [override ...]``: the soak behind ``make soak``. Many tiny trials on the shared stores
 while faults are injected, then a check that nothing was lost or left half-done.
 
 It starts a stack of its own (PostgreSQL + an MLflow tracking server, :mod:`mnist_sweep.stack`,
@@ -60,6 +60,9 @@ class Plan:
     rounds: int = 2  # of the three faults
     first: float = 30  # seconds before the first fault
     every: float = 45  # seconds between faults
+    # The tracking server's uvicorn workers (make services' count: one a core, at most 4); a short
+    # soak runs one, whose start and restart cost a second process nothing
+    server_workers: int = stack.MLFLOW_WORKERS
 
     def schedule(self) -> list[tuple[float, str]]:
         """(seconds after the start, fault kind) for every fault, in order."""
@@ -371,7 +374,8 @@ class Soak:
         (self.root / "logs").mkdir()
         pg_port = stack.free_port()
         mlflow_port = next(port for port in iter(stack.free_port, None) if port != pg_port)
-        self.stack = stack.start(self.root, pg_port=pg_port, mlflow_port=mlflow_port)
+        self.stack = stack.start(self.root, pg_port=pg_port, mlflow_port=mlflow_port,
+                                 mlflow_workers=self.plan.server_workers)
         password = self.stack.password
         self.env = {**os.environ, "PGPASSFILE": str(self.stack.pgpass),
                     "OPTUNA_STORAGE": with_password(self.stack.optuna_storage, stack.ROLE, password),
@@ -513,7 +517,8 @@ def soak(root: Path, plan: Plan, overrides: list[str],
     try:
         run.start_stack()
         say(f"soak: {plan.workers} workers, {plan.trials} trials, {len(plan.schedule())} faults, at most "
-            f"{plan.minutes} min; stores under {root}, worker logs in {root / 'logs'}")
+            f"{plan.minutes} min; stores under {root} (the tracking server's uvicorn workers: "
+            f"{run.stack.mlflow_workers}), worker logs in {root / 'logs'}")
         in_time = run.run()
         minutes = run.elapsed() / 60
         run.restart_stack()  # a fault's server is up again (it is, unless its restart failed)
@@ -541,7 +546,7 @@ def soak(root: Path, plan: Plan, overrides: list[str],
         stack.stop(root)
 
 
-KEYS = ("trials", "workers", "minutes", "rounds", "first", "every", "root")
+KEYS = ("trials", "workers", "minutes", "rounds", "first", "every", "server_workers", "root")
 
 
 def parse(argv: list[str]) -> tuple[Path, Plan, list[str]]:
@@ -549,7 +554,7 @@ def parse(argv: list[str]) -> tuple[Path, Plan, list[str]]:
     values = {}
     for key in KEYS[:-1]:
         if args[key]:
-            kind = int if key in ("trials", "workers", "rounds") else float
+            kind = int if key in ("trials", "workers", "rounds", "server_workers") else float
             try:
                 values[key] = kind(args[key][-1])
             except ValueError:

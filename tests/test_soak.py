@@ -199,9 +199,10 @@ def test_figures_count_faults_survived_and_points_lost():
 
 
 def test_bad_arguments_are_one_line_each():
-    assert soak.parse(["trials=7", "every=2.5", "data.root=/x"])[1:] == (soak.Plan(trials=7, every=2.5),
-                                                                        ["data.root=/x"])
+    assert soak.parse(["trials=7", "every=2.5", "server_workers=1", "data.root=/x"])[1:] == (
+        soak.Plan(trials=7, every=2.5, server_workers=1), ["data.root=/x"])
     for argv, words in ((["trials=many"], "trials must be an integer"), (["workers=0"], "workers must be at least 1"),
+                        (["server_workers=0"], "server_workers must be at least 1"),
                         (["stores=local"], "unknown argument 'stores=local'"), (["fast"], "unknown argument 'fast'")):
         with pytest.raises(ValueError, match=words):
             soak.parse(argv)
@@ -220,7 +221,7 @@ def test_a_short_soak_with_one_fault_of_each_kind_loses_nothing(tiny_mnist):
     lines = []
     try:
         found, figures = soak.soak(parent / "soak", soak.Plan(trials=6, workers=2, minutes=8, rounds=1, first=5,
-                                                              every=5),
+                                                              every=5, server_workers=1),
                                    [f"data.root={data_root}", *(f"data.md5.{k}={v}" for k, v in md5.items())],
                                    say=lines.append)
     finally:
@@ -229,5 +230,6 @@ def test_a_short_soak_with_one_fault_of_each_kind_loses_nothing(tiny_mnist):
     assert figures.faults_injected == 3 and figures.trials_lost == 0
     assert (figures.outage_exits, figures.restarted, figures.incomplete) == (0, 0, 0), "\n".join(lines)
     assert figures.states.get("COMPLETE", 0) + figures.states.get("PRUNED", 0) == 6
+    assert "(the tracking server's uvicorn workers: 1)" in next(line for line in lines if line.startswith("soak: "))
     assert [line.split(":")[1].split()[0] for line in lines if line.startswith("fault ")] == ["kill", "tracking",
                                                                                               "PostgreSQL"]
