@@ -23,6 +23,19 @@ class Sleeper(nn.Module):
         return image
 
 
+class Alternating(nn.Module):
+    """A model whose passes take 2 ms and 52 ms in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(0.002 if self.calls % 2 else 0.052)
+        return image
+
+
 def test_the_parameter_count_is_every_weight_and_bias():
     assert costs.param_count(nn.Linear(3, 2)) == 3 * 2 + 2
     assert costs.param_count(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))) == 4 * 9 + 4 + 4 + 4
@@ -34,8 +47,14 @@ def test_latency_is_the_median_pass_after_a_warm_up_on_one_thread_then_the_threa
     latency = costs.latency_ms(model, torch.zeros(1, 1, 28, 28), passes=10, warmup=3, budget_s=10)
     assert model.calls == 13 and latency.passes == 10
     assert latency.median_ms >= 2.0  # a pass cannot take less than its sleep
-    assert latency.iqr_ms >= 0
     assert model.threads == {1} and torch.get_num_threads() == before
+
+
+def test_the_spread_is_the_interquartile_range_of_the_passes():
+    """Half the passes take 2 ms, half 52 ms: the quartiles fall in each half, ~50 ms apart (a
+    scheduler's delay only lengthens a pass, and would have to stretch a 2 ms one past 22 ms)."""
+    latency = costs.latency_ms(Alternating(), torch.zeros(1, 1, 28, 28), passes=10, warmup=2, budget_s=10)
+    assert latency.passes == 10 and 30 <= latency.iqr_ms and latency.median_ms >= 2.0
 
 
 def test_a_slow_model_stops_at_the_budget_but_never_below_the_minimum_passes():

@@ -751,11 +751,11 @@ def with_password(uri: str, user: str, password: str) -> str:
 
 @pytest.mark.slow
 def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, name, tmp_path):
+    """~40-60 s: two worker processes on the session's PostgreSQL and tracking server, each exporting models."""
     # The password in both URIs, as a careless user would put it: it must not leak into MLflow.
     # (This loopback MLflow server has no auth: it ignores the basic-auth credentials.)
     # The study's URI comes from the environment; the tracking URI is typed on the command line, so
     # it is in every job's overrides, config files and flattened params.
-    """~40-60 s: two worker processes on the session's PostgreSQL and tracking server, each exporting models."""
     env = {**local_stack.env(), "OPTUNA_STORAGE": with_password(local_stack.optuna_storage, "mnist_sweep", local_stack.password)}
     typed = f"mlflow.tracking_uri={with_password(local_stack.tracking_uri, 'alice', local_stack.password)}"
     workers = [start(["-m", *server_args(overrides, name), typed, "hydra.sweeper.n_trials=2",
