@@ -12,8 +12,8 @@ from conftest import make_digits, run_cli
 
 
 def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model, overrides, tmp_path):
-    # write_tiny_mnist's test split: independent of tensors.load and of the evaluate module
     """~20-40 s: the module's logged model (a run) and `python -m mnist_sweep.evaluate` in a process of its own."""
+    # write_tiny_mnist's test split: independent of tensors.load and of the evaluate module
     images, labels = make_digits(160, seed=1)
     with torch.inference_mode():
         predicted = logged_model.model(torch.from_numpy(images).float().unsqueeze(1)).argmax(1).numpy()

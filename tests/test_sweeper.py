@@ -678,8 +678,8 @@ def test_the_median_pruner_stops_hopeless_trials_early(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_budgets_study_wide_cap_and_wall_clock(overrides, tmp_path, capsys):
-    # another worker's trials count against the study-wide cap: one finished, one still running
     """~30 s: two sweeps in-process; the soft budget's trial runs past its 6 s budget, which is the point."""
+    # another worker's trials count against the study-wide cap: one finished, one still running
     other = optuna.create_study(study_name="mnist_sweep", direction="maximize",
                                 storage=open_storage(f"sqlite:///{tmp_path / 'outputs' / 'optuna.db'}"))
     other.tell(other.ask(), 0.5)
