@@ -106,7 +106,7 @@ def refused(host: str, port: int) -> bool:
 
 def test_stop_stops_both_and_start_resumes_their_data(stack_alone, monkeypatch):
     """It stops the session's servers (while no other test uses them), then starts them again on
-    the same ports."""
+    the same ports. Its setup can wait 30-40 s: for every test then using the servers to let go."""
     local_stack = stack_alone
     monkeypatch.setenv("PGPASSFILE", str(local_stack.pgpass))
     name = f"stack-{uuid.uuid4().hex[:8]}"
