@@ -1,6 +1,6 @@
 """``python -m mnist_sweep.soak [trials=60] [workers=3] [minutes=20] [rounds=2] [first=30] [every=45]
-[server_workers=N] [root=DIR] [override ...]``: the soak behind ``make soak``. Many tiny trials on the shared stores
-while faults are injected, then a check that nothing was lost or left half-done.
+[server_workers=N] [root=DIR] [override ...]``: the soak behind ``make soak``. Many tiny trials on
+the shared stores while faults are injected, then a check that nothing was lost or left half-done.
 
 It starts a stack of its own (PostgreSQL + an MLflow tracking server, :mod:`mnist_sweep.stack`,
 under ``root``: outputs/soak, wiped first) and ``workers`` worker processes of one study
@@ -60,8 +60,8 @@ class Plan:
     rounds: int = 2  # of the three faults
     first: float = 30  # seconds before the first fault
     every: float = 45  # seconds between faults
-    # The tracking server's uvicorn workers (make services' count: one a core, at most 4); a short
-    # soak runs one, whose start and restart cost a second process nothing
+    # The tracking server's uvicorn workers (make services' count: one a core, at most 4). A short
+    # soak runs one: each more is an MLflow process to start, at the soak's start and at each restart
     server_workers: int = stack.MLFLOW_WORKERS
 
     def schedule(self) -> list[tuple[float, str]]:

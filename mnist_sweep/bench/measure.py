@@ -262,7 +262,8 @@ def soak(bench: Bench) -> tuple[list[str], object]:
     from mnist_sweep import soak as soak_
 
     say("soak (3 workers, faults injected)")
-    plan = soak_.Plan(trials=6, workers=2, rounds=1, first=5, every=5, server_workers=1) if bench.quick else soak_.Plan()
+    plan = (soak_.Plan(trials=6, workers=2, rounds=1, first=5, every=5, server_workers=1) if bench.quick
+            else soak_.Plan())
     data = [o for o in bench.user if o.startswith("data.")]
     parent = Path(tempfile.mkdtemp(prefix="mnist_sweep-bench-soak-"))  # as own_stack's: postgres enters it
     parent.chmod(0o711)
