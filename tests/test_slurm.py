@@ -214,7 +214,8 @@ def test_a_cancelled_job_and_one_past_its_time_limit_fail_their_trials_and_the_n
     assert len(retried) == 4 and {t.state for t in retried[2:]} <= FINISHED
     assert [t.params for t in retried[2:]] == [t.params for t in trials[:2]]
     jobs = [job for job in job_ids(tmp_path) if job not in ended]
-    assert len(jobs) == 2 and {state for _, state in sacct(slurm_cluster, jobs)} == {"COMPLETED"}  # one sbatch'd job each
+    # one sbatch'd job each, each done
+    assert len(jobs) == 2 and {state for _, state in sacct(slurm_cluster, jobs)} == {"COMPLETED"}
     assert all(t.intermediate_values for t in retried[2:])  # each job reported to the pruner through the database
     client, (parent,), kids = study_runs(local_stack, name)
     assert parent.info.status == "FINISHED"
