@@ -14,6 +14,7 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +62,18 @@ class MlflowStudy:
         """Before each batch: wait for MLflow if it stopped answering, up to ``outage_s``, then stop the
         sweep. A trial started then would train without a record or a model to register; the study
         keeps every finished trial, so a rerun of the same command goes on where this one stopped."""
-        try:
-            stores.ride_out(lambda: MlflowClient().get_run(self.parent_id), "the MLflow store", self.tracking_uri,
-                            self.outage_s)
-        except tracking.LOST as err:
-            finished = len(study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]))
-            raise stores.StoreError(
-                f"the MLflow store {stores.redact(self.tracking_uri)} stopped answering ({stores.one_line(err)}): "
-                f"the sweep stops; the study keeps its {finished} finished trials, and the same command "
-                "goes on from there once the store is back") from None
+        self._answering(study, lambda: MlflowClient().get_run(self.parent_id), self.outage_s)
 
     def close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None:
         """Refresh the parent's summary and the champion; end the parent unless other workers still
-        run trials (the last worker to end ends it). MLflow away at the sweep's end: as before a batch
-        (:meth:`check`); a sweep that stopped does not wait for it again."""
-        if not interrupted:
-            self.check(study)
+        run trials (the last worker to end ends it). MLflow away at the sweep's end, or going away
+        while it closes: as before a batch (:meth:`check`), the close tried again whole once it is back
+        (each step is safe to repeat: a run's model is registered once); a sweep that stopped does not
+        wait for it again."""
+        self._answering(study, lambda: self._close(study, results_file, interrupted),
+                        0 if interrupted else self.outage_s)
+
+    def _close(self, study: optuna.Study, results_file: str, interrupted: bool) -> None:
         client = MlflowClient()
         # two workers ending together: one champion, one version (the study's database locks
         # across machines; an embedded MLflow store also locks its own file)
@@ -92,6 +89,18 @@ class MlflowStudy:
                 if not study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
                     status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
                     client.set_terminated(self.parent_id, RunStatus.to_string(status))
+
+    def _answering(self, study: optuna.Study, call: Callable[[], object], bound_s: float) -> None:
+        """``call()``, riding out an outage of MLflow up to ``bound_s``; past it, the sweep stops in one
+        (redacted) line: a raw MLflow error's message carries the tracking URI, password and all."""
+        try:
+            stores.ride_out(call, "the MLflow store", self.tracking_uri, bound_s)
+        except tracking.LOST as err:
+            finished = len(study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED]))
+            raise stores.StoreError(
+                f"the MLflow store {stores.redact(self.tracking_uri)} stopped answering ({stores.one_line(err)}): "
+                f"the sweep stops; the study keeps its {finished} finished trials, and the same command "
+                "goes on from there once the store is back") from None
 
 
 def study_parent(client: MlflowClient, experiment_id: str, study: optuna.Study, created: bool) -> str:

@@ -148,6 +148,35 @@ def test_a_store_that_stops_answering_stops_the_sweep_in_one_line(stores_, monke
     assert len(slept) == 3
 
 
+def test_a_store_that_goes_away_while_the_sweep_closes_is_waited_for_then_stops_it_in_one_line(stores_, tmp_path,
+                                                                                                 monkeypatch):
+    """Found by a soak: the tracking server stopped between the close's first call and its last, and
+    the worker ended with MLflow's raw error, the URI's password in it, and the parent RUNNING."""
+    tracker, study, client = stores_
+    trial_run(client, study, tracker.parent_id, 0.5, model=False)
+    tracker.tracking_uri = "http://soak:secret@127.0.0.1:5050"  # a server's: it can come back (the calls stay local)
+    slept = []
+    monkeypatch.setattr(stores.time, "sleep", slept.append)
+    ending, refusals = sweep_tracking.end_orphaned_runs, [requests.ConnectionError("Connection refused")] * 2
+
+    def end_orphaned_runs(*args):
+        if refusals:
+            raise refusals.pop()
+        ending(*args)
+
+    monkeypatch.setattr(sweep_tracking, "end_orphaned_runs", end_orphaned_runs)
+    tracker.outage_s = 3600
+    tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    assert len(slept) == 2 and client.get_run(tracker.parent_id).info.status == "FINISHED"
+
+    client.set_terminated(tracker.parent_id, "RUNNING")
+    refusals.append(mlflow.exceptions.MlflowException(f"API request to {tracker.tracking_uri}/runs failed: refused"))
+    tracker.outage_s = 0  # past its bound: one line, redacted, and the study's figures
+    with pytest.raises(stores.StoreError, match="stopped answering .*the study keeps its 1 finished trials") as err:
+        tracker.close(study, str(tmp_path / "no-results.yaml"), interrupted=False)
+    assert "secret" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_a_plain_grid_has_a_parent_run_of_its_own(overrides, tmp_path):
     done = run_cli("mnist_sweep", "-m", *overrides, "hydra/sweeper=basic", "model=shallow,deep", "optim.lr=0.01,0.1",
