@@ -102,12 +102,14 @@ def use_store(tracking_uri: str, experiment: str, artifact_root: str | None, out
     with stores.opening("the MLflow store", tracking_uri, "mlflow.tracking_uri", *LOST), stores.lock(tracking_uri):
         found = stores.ride_out(lambda: mlflow.get_experiment_by_name(experiment) or _create_experiment(
             experiment, None if server else artifact_root), "the MLflow store", tracking_uri, outage_s)
+        # set_experiment asks the store again: an outage can begin between the two (a soak met it)
+        stores.ride_out(lambda: mlflow.set_experiment(experiment_id=found.experiment_id), "the MLflow store",
+                        tracking_uri, outage_s)
     if server and found.artifact_location.startswith("file:"):
         raise stores.StoreError(
             f"experiment {experiment!r} on the tracking server {stores.redact(tracking_uri)} keeps its artifacts "
             f"in {found.artifact_location}, on one machine only: name a new mlflow.experiment, whose artifacts "
             "go through the server")
-    mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 
 

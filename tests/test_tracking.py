@@ -278,3 +278,22 @@ def test_mlflows_own_log_lines_are_redacted_too(capsys):
     logging.getLogger("mlflow.system_metrics.system_metrics_monitor").warning(
         "Failed to get mlflow run: API request to http://soak:s3cret@127.0.0.1:5050/api/2.0/mlflow/runs/get failed.")
     assert "http://soak:***@127.0.0.1:5050" in capsys.readouterr().err
+
+
+def test_an_outage_between_finding_the_experiment_and_choosing_it_is_ridden_out(monkeypatch):
+    """Found by a soak: a worker found its experiment, then the tracking server stopped before
+    MLflow's set_experiment asked for it again, and the worker ended with MLflow's raw error."""
+    found = mlflow.entities.Experiment("7", "sweep", "mlflow-artifacts:/7", "active")
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: found)
+    refusals, chosen, slept = [requests.ConnectionError("Connection refused")] * 2, [], []
+
+    def set_experiment(experiment_id):
+        if refusals:
+            raise refusals.pop()
+        chosen.append(experiment_id)
+
+    monkeypatch.setattr(mlflow, "set_experiment", set_experiment)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)  # this process's other tests keep theirs
+    monkeypatch.setattr(stores.time, "sleep", slept.append)
+    assert tracking.use_store("http://127.0.0.1:5050", "sweep", None, outage_s=3600) == "7"
+    assert chosen == ["7"] and len(slept) == 2
