@@ -164,7 +164,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "a positive odd integer (padding keeps the map size only for odd kernels)"),
     ("model.batch_norm", lambda v: isinstance(v, bool), "true or false"),
     ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    ("model.downsample", lambda v: v in DOWNSAMPLES, " or ".join(DOWNSAMPLES)),
+    ("model.downsample", lambda v: v in DOWNSAMPLES, f"{', '.join(DOWNSAMPLES[:-1])} or {DOWNSAMPLES[-1]}"),
     ("augment.shift", lambda v: _integer(v) and 0 <= v < IMAGE_SIDE // 2, f"an integer in [0, {IMAGE_SIDE // 2})"),
     ("augment.degrees", lambda v: _number(v) and 0 <= v <= 180, "in [0, 180]"),
     ("augment.scale", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),

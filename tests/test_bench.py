@@ -469,3 +469,21 @@ def test_the_shipping_rows_judge_the_deadline_and_the_cheapest_model_at_each_flo
     assert latency[1] == "below the default's latency_ms at >= 99.5%: met"  # 0.3 ms against 0.4
     runs["pareto-latency_ms"]["points"] = [(0.99, 0.1)]
     assert report.shipping_rows(runs)["Pareto search by latency_ms, 20 min"][1].endswith(": n/a")  # none at 99.5%
+
+
+def test_the_target_benchmark_times_only_the_two_recipes_and_judges_their_ratio_against_3_percent(
+        overrides, tmp_path, monkeypatch):
+    """``--target``, in-process, its processes replaced by what they report: the rows are exactly the
+    time to 99.0%, each recipe's median, and their ratio judged against issue 24's 0.03×."""
+    from mnist_sweep.bench import __main__ as cli, measure
+
+    classic = iter([{"to_target_s": 300.0, "epochs": 3, "acc": 0.991, "images_per_s": 1000.0}] * 2)
+    ours = iter([{"to_target_s": t, "epochs": 1, "acc": 0.9911, "images_per_s": 9000.0} for t in (8.0, 10.0)])
+    monkeypatch.setattr(measure, "time_classic", lambda root, epochs: next(classic))
+    monkeypatch.setattr(measure, "time_run", lambda args, stores, experiment: next(ours))
+    monkeypatch.setattr(measure, "time_imports", lambda: {"torch": 1.0, "main": 2.0})
+    out = bench_out(tmp_path)
+    assert cli.main(["--target", "--repeats", "1", "--out", str(out), "--", *overrides]) == 0
+    rows = table_rows((out / "latest.md").read_text())
+    assert list(rows) == list(report.TARGET_ROWS)
+    assert rows["time to 99.0%, mnist_sweep / classic"][:2] == ["0.027x", "<= 0.03x: met"]

@@ -61,7 +61,7 @@ def test_the_groups_offer_what_the_docs_promise():
         (["model.kernel_size=4"], "model.kernel_size must be a positive odd integer .*, got 4"),
         (["model.kernel_size=-1"], "model.kernel_size must be a positive odd integer"),
         (["model.kernel_size=3.0"], "model.kernel_size must be a positive odd integer"),
-        (["model.downsample=avg"], "model.downsample must be pool or stride, got 'avg'"),
+        (["model.downsample=avg"], "model.downsample must be pool, stride or stride_first, got 'avg'"),
         (["model.channels=[]"], r"model.channels must be a positive width, or a list of 1 to 4 positive widths, "
                                 r"one per block, got \[\]"),
         (["model.channels=[8,8,8,8,8]"], "model.channels must be a positive width, or a list of 1 to 4"),

@@ -43,3 +43,22 @@ def test_a_strided_block_halves_its_map_with_its_first_conv_and_has_no_pool():
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
     assert net.features(torch.rand(1, 1, 28, 28)).shape == (1, 16, 4, 4)
     assert net.head[-1].in_features == 16 * 4 * 4
+
+
+def test_stride_first_strides_the_first_block_and_pools_the_others():
+    """downsample=stride_first (the default model, fast): 28 → 14 by the first conv's stride, then
+    14 → 7 → 3 by max-pools; the classifier reads the last map, 3×3."""
+    net = ConvNet([4, 8, 16], convs_per_block=2, downsample="stride_first").eval()
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1)] + [(1, 1), (1, 1)] * 2
+    kinds = [type(m).__name__ for m in net.features if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d))]
+    assert kinds == ["Conv2d", "Conv2d", "Conv2d", "Conv2d", "MaxPool2d", "Conv2d", "Conv2d", "MaxPool2d"]
+    assert net.features(torch.rand(1, 1, 28, 28)).shape == (1, 16, 3, 3)
+    assert net.head[-1].in_features == 16 * 3 * 3
+
+
+def test_the_default_model_is_shallow_with_a_strided_first_block():
+    """model=fast: what `python -m mnist_sweep` trains; its parameters are shallow's, the searches' choices."""
+    fast, shallow = (instantiate(compose_with(*model).model) for model in ((), ("model=shallow",)))
+    assert compose_with().model.downsample == "stride_first" and fast.widths == shallow.widths == [16, 32, 64]
+    assert [p.shape for p in fast.parameters()] == [p.shape for p in shallow.parameters()]

@@ -48,10 +48,10 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     client = store(tmp_path)
     run = only_run(client)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "shallow-sgd-lr0.05-bs32"
+    assert run.info.run_name == "fast-sgd-lr0.05-bs32"
     params = run.data.params
     assert params["optim.lr"] == "0.05" and params["data.batch_size"] == "32" and params["epochs"] == "2"
-    assert params["model"] == "shallow" and params["model.channels"] == "[4, 8]"
+    assert params["model"] == "fast" and params["model.channels"] == "[4, 8]"
     assert "optim.lr=0.05" in run.data.tags["hydra.overrides"]
     assert run.data.tags["hydra.output_dir"].startswith(str(tmp_path / "outputs" / "runs"))
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
@@ -84,7 +84,7 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
     config = OmegaConf.load(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="hydra/config.yaml", dst_path=str(tmp_path / "dl")))
     net = ConvNet(list(config.model.channels), config.model.convs_per_block, config.model.kernel_size,
-                  config.model.batch_norm, config.model.dropout)
+                  config.model.batch_norm, config.model.dropout, config.model.downsample)
     net.load_state_dict(torch.load(weights, weights_only=True))
     net.eval()
 
@@ -101,7 +101,7 @@ def test_cli_run_logs_params_metrics_artifacts_and_a_servable_model(overrides, t
 
     # MLflow's Models tab: the model named for what it is, with the run's params, last scores and costs
     (model,) = client.search_logged_models([run.info.experiment_id])
-    assert model.name == "shallow-4-8" and model.source_run_id == run.info.run_id
+    assert model.name == "fast-4-8" and model.source_run_id == run.info.run_id
     assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}"
     assert model.params == params
     linked = {metric.key: metric.value for metric in model.metrics}

@@ -48,7 +48,7 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    thread). Target: <= 0.2 s.
    ``--overhead`` runs only these measurements.
 3. Sweep throughput: completed trials per minute of a small Optuna sweep (8 trials of one size: a
-   1-epoch default run; no pruner; spawn to exit), first 1 worker x 2 threads, then joblib with
+   1-epoch model=shallow run; no pruner; spawn to exit), first 1 worker x 2 threads, then joblib with
    2 workers x 1 thread.
 4. Pruning: the same seeded search (model=shallow, 2 epochs a trial, the rest of the default
    space, 10 trials) once per pruner (none, median, hyperband), spawn to exit: wall time, best test

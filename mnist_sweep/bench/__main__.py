@@ -16,6 +16,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overhead", action="store_true",
                         help="only the framework's overhead: imports, runs on an existing and a fresh store, their "
                              "profiles, the bare loop, per-trial overhead in a 1-worker sweep (minutes)")
+    parser.add_argument("--target", action="store_true",
+                        help="only the time to 99.0%%: the classic recipe and python -m mnist_sweep, alternating, "
+                             "--repeats times (about 5 minutes a repeat)")
     parser.add_argument("--search", action="store_true",
                         help="only the 10-minute default search with each sampler (hydra/sweeper/sampler: tpe, "
                              "tpe_short, gp), and the default sampler with the prior known_good, each over --repeats "
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = report.machine_record()  # before set_threads changes this process's thread count
     bench = measure.setup((args.out or PROJECT_ROOT / "outputs" / "bench").resolve(), args.overrides, args.quick,
                           args.repeats, args.services)
-    if args.search:
+    if args.target:
+        labels, rows = report.TARGET_ROWS, measure.time_to_target(bench)
+    elif args.search:
         labels, rows = report.SEARCH_ROWS, measure.sampler_searches(bench)
     elif args.long_search:
         labels, rows = report.LONG_SEARCH_ROWS, measure.search_targets(bench)

@@ -140,7 +140,7 @@ def target_rows(classic: list[dict], ours: list[dict]) -> Rows:
     return dict(zip(TARGET_ROWS, (
         recipe_text(classic),
         recipe_text(ours),
-        ("n/a" if ratio is None else f"{ratio:.3f}x", target_text("<= 0.10x", ratio, 0.10), ""),
+        ("n/a" if ratio is None else f"{ratio:.3f}x", target_text("<= 0.03x", ratio, 0.03), ""),
     )))
 
 
