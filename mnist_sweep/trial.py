@@ -450,6 +450,15 @@ class NoTrial:
         return value
 
 
+@functools.lru_cache(maxsize=4)
+def job_storage(url: str, outage_s: float) -> PatientStorage:
+    """The study's database as a process's jobs reach it: opened by its first job and kept for the
+    next ones (a one-process sweep's trials, a joblib worker's): opening it, an engine and a check
+    of its schema, was ~20-40 ms of each trial (docs/benchmark.md). A database that went away and
+    came back is met as any call meets it: its pool reconnects, and each call rides out the outage."""
+    return open_storage(url, outage_s=outage_s, answered=True)
+
+
 def join(study_name: str | None, number: int | None, storage_url: str | None, pruner: optuna.pruners.BasePruner,
          heartbeat_interval: int | None, objective: str, epochs: int, checks_per_epoch: int,
          deadline: float | None = None, outage_s: float = 0) -> JobTrial | NoTrial:
@@ -461,7 +470,7 @@ def join(study_name: str | None, number: int | None, storage_url: str | None, pr
         return NoTrial()
     if not storage_url:
         raise StudyError("a study trial needs hydra.sweeper.storage: jobs reach the study through it")
-    storage = open_storage(storage_url, outage_s=outage_s, answered=True)
+    storage = job_storage(storage_url, outage_s)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
     except KeyError:

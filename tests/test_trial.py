@@ -131,6 +131,20 @@ def test_joining_names_what_is_wrong_in_one_line(storage, tmp_path):
         trial.join("s", number, url, pruner, None, "test_acc", 1, 0)
 
 
+def test_a_processs_jobs_open_the_study_database_once_and_each_joins_its_own_trial(storage, tmp_path, monkeypatch):
+    """A one-process sweep's trials, a joblib worker's: opening the database was ~20-40 ms a trial."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    first, second = study.ask().number, study.ask().number
+    opened = []
+    monkeypatch.setattr(trial, "open_storage", lambda url, **kwargs: opened.append(url) or storage)
+    jobs = [trial.join("s", number, url, optuna.pruners.NopPruner(), None, "test_acc", 1, 0, outage_s=7)
+            for number in (first, second)]
+    assert opened == [url] and [job.number for job in jobs] == [first, second]
+    trial.join("s", first, url, optuna.pruners.NopPruner(), None, "test_acc", 1, 0, outage_s=0)
+    assert opened == [url, url]  # a job that rides out outages differently has its own
+
+
 def test_a_run_outside_a_study_has_a_trial_that_asks_nothing(storage):
     alone = trial.join(None, None, None, None, None, "test_acc", 1, 3)
     assert isinstance(alone, NoTrial) and alone.checks == 0 and alone.number is None
