@@ -288,3 +288,18 @@ def test_stop_stops_every_daemon_and_start_resumes_the_cluster(slurm_cluster):
     done = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, **slurm_cluster.env()},
                           capture_output=True, text=True)
     assert done.stdout.strip() == "idle"
+
+
+def test_a_requeue_whose_scontrol_the_requeue_itself_kills_still_ends_the_job_as_requeued():
+    """Slurm ends the job's step as it requeues it, and a slow `scontrol requeue` inside the step dies
+    of that SIGTERM before it exits: the job is requeued all the same (it failed its trial once in a
+    loaded suite). An scontrol that exits with an error did not requeue: that error goes on."""
+    def scontrol(returncode):
+        def requeue(signum, frame):
+            raise subprocess.CalledProcessError(returncode, ["scontrol", "requeue", "5"])
+        return requeue
+
+    with pytest.raises(launcher.Requeued, match="requeued: it continues from its last epoch's checkpoint"):
+        launcher.requeue_and_stop(scontrol(-15), launcher.USR_SIG, None)
+    with pytest.raises(subprocess.CalledProcessError):
+        launcher.requeue_and_stop(scontrol(1), launcher.USR_SIG, None)
