@@ -34,7 +34,8 @@ What is measured, and how (wall-clock seconds; medians over ``--repeats``):
    Per sweep trial: in the 1-worker sweep of 3., a trial's span is from its start (``datetime_start``,
    when the sweeper asked for it) to the next trial's, minus its training and evaluation (the run's
    ``epoch_seconds`` and ``eval_seconds`` metrics); the first trial (it pays the process's one-time
-   costs) and the last (no next start) are left out. Target: <= 0.3 s.
+   costs) and the last (no next start) are left out; the row is their median (the mean beside
+   it). Target: <= 0.3 s.
    Model costs (``model costs``): the ``latency_ms`` every run logs (:mod:`mnist_sweep.costs`: the
    median of up to 50 passes at batch 1 on one CPU thread after 5 warm-up passes, within 0.1 s),
    measured 20 times in a row on the default model in this process: their median, their range as
