@@ -131,7 +131,8 @@ def test_joining_names_what_is_wrong_in_one_line(storage, tmp_path):
         trial.join("s", number, url, pruner, None, "test_acc", 1, 0)
 
 
-def test_a_processs_jobs_open_the_study_database_once_and_each_joins_its_own_trial(storage, tmp_path, monkeypatch):
+def test_a_processs_jobs_open_the_study_database_once_and_each_joins_its_own_trial(storage, tmp_path,
+                                                                                  monkeypatch):
     """A one-process sweep's trials, a joblib worker's: opening the database was ~20-40 ms a trial."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage)

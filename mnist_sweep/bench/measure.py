@@ -105,7 +105,8 @@ def repeated_runs(bench: Bench, with_classic: bool) -> dict:
 
 
 def time_to_target(bench: Bench) -> report.Rows:
-    """Only the time to 99.0%: the classic recipe and ``python -m mnist_sweep``, alternating, as a full run times them."""
+    """Only the time to 99.0%: the classic recipe and ``python -m mnist_sweep``, alternating, as a
+    full run times them (``--target``)."""
     runs = repeated_runs(bench, with_classic=True)
     return report.target_rows(runs["classic"], runs["ours"])
 

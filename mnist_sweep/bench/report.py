@@ -251,8 +251,8 @@ def trial_row(trials: list[dict]) -> Row:
     median = statistics.median(costs)  # issue 24's measure: a leader's model export (~0.25 s) moves a mean
     return (f"{median:.2f} s", target_text("<= 0.3 s", median, 0.3),
             f"median over trials 2-{len(trials) + 1} of the 1-worker sweep (mean {statistics.mean(costs):.2f} s): "
-            "start to next start - training - evaluation; each: " + ", ".join(f"{c:.2f} s{' (full model)' if t['model'] else ''}"
-                                             for c, t in zip(costs, trials)))
+            "start to next start - training - evaluation; each: "
+            + ", ".join(f"{c:.2f} s{' (full model)' if t['model'] else ''}" for c, t in zip(costs, trials)))
 
 
 def overhead_rows(imports: Mapping[str, list[float]], ours: list[dict], fresh: list[dict], bare: list[dict],
