@@ -122,7 +122,8 @@ def growth_measurements(report_s: dict[int, float]) -> dict:
     def calls(n: int) -> dict:
         return {name: {"s": report_s[n] if name == "report" else 0.005, "statements": 3, "sql_s": 0.002}
                 for name in report.GROWTH_CALLS}
-    sizes = {n: {"calls": calls(n), "reports": 16, "db_cpu_s": 0.5, "heartbeat_s": 10, "fill_s": 1.0,
+    sizes = {n: {"calls": calls(n), "reports": 16, "db_cpu_s": 0.5, "db_cpu_tick_s": 0.01,
+                 "heartbeat_s": 10, "fill_s": 1.0,
                  "trials": n} for n in report_s}
     return {"study": sizes, "tracking": {"s": 0.8, "requests": 30, "server_cpu_s": 0.3, "db_cpu_s": 0.1}}
 
@@ -161,6 +162,15 @@ def test_the_growth_rows_are_exactly_its_table_labels_and_judge_the_growth():
     assert rows["study growth: database per trial"][0] == "72 statements, 500 ms PostgreSQL CPU"
     assert rows["study growth: workers one PostgreSQL carries"][0].startswith(f"{60 / (0.5 + 12 * 0.5 / 72):,.0f} ")
     assert rows["tracking server: workers it carries"][0] == "150 for 1-min trials, 1,500 for 10-min trials"
+
+
+def test_a_trial_whose_database_cpu_is_under_a_clock_tick_is_bounded_by_the_tick_not_divided_by_zero():
+    measured = growth_measurements({100: 0.001, 1000: 0.002})
+    measured["study"][1000]["db_cpu_s"] = 0.0  # /proc counts CPU in ticks: a cheap trial can read as none
+    rows = report.growth_rows(measured)
+    assert rows["study growth: database per trial"][0] == "72 statements, < 10 ms PostgreSQL CPU"
+    assert rows["study growth: workers one PostgreSQL carries"][0].startswith(
+        f"> {60 / (0.01 + 12 * 0.01 / 72):,.0f} for 1-min trials")
 
 
 # ----------------------------------------------------------------------------- the phases
@@ -367,7 +377,7 @@ def test_quick_growth_benchmark_times_every_call_at_each_size(overrides, local_s
             assert re.fullmatch(sizes, result), (label, result)
             assert re.match(r"SQL statements [1-9]\d* / [1-9]", detail), (label, detail)  # each call reaches the study
         else:
-            assert re.match(r"[1-9][\d,]* ", result), (label, result)
+            assert re.match(r"([<>] )?[1-9][\d,]* ", result), (label, result)  # < or >: under a clock tick
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from mnist_sweep.hydra_plugin import sweeper
 
 SIZES = (100, 1000, 5000)  # trials in the study when each round of timings runs
 QUICK_SIZES = (10, 50)
+CPU_TICK_S = 1 / os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in clock ticks: less reads as 0
 SWEEPER_CONF = PROJECT_ROOT / "conf" / "hydra" / "sweeper"
 OBJECTIVE = "test_acc"
 EPOCHS = 4  # the timed trial's length: the middle of the default space's choice(2, 4, 8)
@@ -205,12 +206,12 @@ def pgpass(path: Path) -> Iterator[None]:
 def process_cpu(pid: int) -> float:
     """CPU seconds of process ``pid`` and every process under it, the ended ones its parents reaped
     included (PostgreSQL's backends of closed connections, MLflow's workers)."""
-    tick, children, stats = os.sysconf("SC_CLK_TCK"), {}, {}
+    children, stats = {}, {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
                 fields = (proc / "stat").read_text().rpartition(")")[2].split()
-                stats[int(proc.name)] = sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+                stats[int(proc.name)] = sum(int(f) for f in fields[11:15]) * CPU_TICK_S  # utime stime cutime cstime
                 children.setdefault(int(fields[1]), []).append(int(proc.name))
     tree, total = [pid], 0.0
     while tree:
@@ -243,7 +244,8 @@ def measure(url: str, study_name: str, sizes: tuple[int, ...], repeats: int, db_
             for _ in range(repeats):
                 one_trial(study, storage, url, space, pruner, checks, calls)
         results[n] = {"calls": calls.medians(), "fill_s": filled_s, "reports": len(percents(EPOCHS, checks)),
-                      "db_cpu_s": (process_cpu(db_pid) - cpu) / repeats, "heartbeat_s": search.heartbeat_interval,
+                      "db_cpu_s": (process_cpu(db_pid) - cpu) / repeats, "db_cpu_tick_s": CPU_TICK_S / repeats,
+                      "heartbeat_s": search.heartbeat_interval,
                       "trials": len(study.get_trials(deepcopy=False))}
     storage.engine.dispose()
     return results
