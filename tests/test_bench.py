@@ -122,9 +122,8 @@ def growth_measurements(report_s: dict[int, float]) -> dict:
     def calls(n: int) -> dict:
         return {name: {"s": report_s[n] if name == "report" else 0.005, "statements": 3, "sql_s": 0.002}
                 for name in report.GROWTH_CALLS}
-    sizes = {n: {"calls": calls(n), "reports": 16, "db_cpu_s": 0.5, "db_cpu_tick_s": 0.01,
-                 "heartbeat_s": 10, "fill_s": 1.0,
-                 "trials": n} for n in report_s}
+    sizes = {n: {"calls": calls(n), "reports": 16, "db_cpu_s": 0.5, "db_cpu_tick_s": 0.01, "heartbeat_s": 10,
+                 "fill_s": 1.0, "trials": n} for n in report_s}
     return {"study": sizes, "tracking": {"s": 0.8, "requests": 30, "server_cpu_s": 0.3, "db_cpu_s": 0.1}}
 
 

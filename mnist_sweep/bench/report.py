@@ -323,8 +323,8 @@ def growth_rows(measured: dict | str) -> Rows:
     n, largest = max(sizes.items())
     calls, reports, beat_s = largest["calls"], largest["reports"], largest["heartbeat_s"]
     # a trial's CPU under one clock tick reads as 0: bound it by the tick, so the workers are a floor
-    under_a_tick = largest["db_cpu_s"] < largest["db_cpu_tick_s"]
     cpu = max(largest["db_cpu_s"], largest["db_cpu_tick_s"])
+    under_a_tick = cpu > largest["db_cpu_s"]
     statements = per_trial(calls, reports, "statements")
     # per trial: its calls, then 2 heartbeats (its job's, its sweeper's) every heartbeat interval of its length
     beats = {minutes: 2 * 60 * minutes / beat_s for minutes in TRIAL_MINUTES}
