@@ -21,7 +21,8 @@ for plugin in (StudySweeper, SlurmLauncher):
 # an absolute path: the same config whether this module runs as __main__ or is imported (the tests)
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg) -> float:
-    return run.main(cfg)
+    with cli.freeze_late_imports():
+        return run.main(cfg)
 
 
 def launch(argv: list[str]) -> None:

@@ -46,6 +46,23 @@ def run(tool: Callable[[list[str]], int | None]) -> NoReturn:
 
 
 @contextlib.contextmanager
+def freeze_late_imports() -> Iterator[None]:
+    """Around a job (a run, or one trial of a sweep): if it imported modules, freeze them once it
+    ends, as :func:`run` froze the program's own imports (and a joblib worker, which never did,
+    freezes all of its). A job imports some lazily: torch._dynamo when its optimizer is built, the
+    exporter for its first model, hundreds of thousands of objects that a sweep's full collections
+    would walk again and again (~90 ms each, in most trials: docs/benchmark.md). What the job left
+    for the collector is frozen with them, but only in the jobs that imported something: once or
+    twice a process."""
+    modules = len(sys.modules)
+    try:
+        yield
+    finally:
+        if len(sys.modules) > modules:
+            gc.freeze()
+
+
+@contextlib.contextmanager
 def one_line_errors(*kinds: type[BaseException], writes: Sequence[Path] = ()) -> Iterator[None]:
     """Inside a Hydra job: one of ``kinds`` ends the process with its message as one ``error:``
     line (the message says what to change), where Hydra would print a traceback. So does any error

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import only_run, run_cli, store
+from conftest import run_cli, runs_in
 from mnist_sweep import cli
 from mnist_sweep.config import PROJECT_ROOT
 
@@ -89,9 +89,28 @@ def test_every_tools_bad_input_is_one_line_as_a_user_sees_it(args, message):
     assert "Traceback" not in done.stdout + done.stderr
 
 
-def test_a_run_process_freezes_its_imports_and_still_collects_while_it_trains(overrides, tmp_path):
+def test_a_job_that_imported_modules_freezes_them_and_one_that_imported_none_freezes_nothing(tmp_path, monkeypatch):
+    (tmp_path / "lazily_imported.py").write_text("def f():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazily_imported", raising=False)
+    gc.unfreeze()
+    try:
+        with cli.freeze_late_imports():
+            pass
+        assert gc.get_freeze_count() == 0
+        with cli.freeze_late_imports():
+            import lazily_imported
+        assert gc.get_freeze_count() > 0
+        assert not any(o is lazily_imported.f for o in gc.get_objects())  # the collector walks it no more
+    finally:
+        gc.unfreeze()
+
+
+def test_a_sweep_process_freezes_its_imports_and_its_first_trials_and_still_collects_while_it_trains(overrides,
+                                                                                                      tmp_path):
     """``python -m mnist_sweep`` keeps the collector off its imports (walking them costs seconds) but
-    on while it runs: a sweep's trials share one process, and their garbage must not pile up."""
+    on while it runs: a sweep's trials share one process, and their garbage must not pile up. What
+    its first trial imports (torch._dynamo, as its optimizer is built) is frozen once it ends."""
     watch_fit = (
         "import gc, runpy, sys\n"
         "from mnist_sweep import train\n"
@@ -103,11 +122,13 @@ def test_a_run_process_freezes_its_imports_and_still_collects_while_it_trains(ov
         "sys.argv = ['mnist_sweep', *sys.argv[1:]]\n"
         "runpy.run_module('mnist_sweep', run_name='__main__')\n"
     )
-    done = subprocess.run([sys.executable, "-c", watch_fit, *overrides, "mlflow.model_format=null"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", watch_fit, "-m", *overrides, "hydra.sweeper.n_trials=2",
+                           "mlflow.model_format=null"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    (line,) = [line for line in done.stdout.splitlines() if line.startswith("collector")]
-    _, enabled, frozen = line.split()
-    assert enabled == "True"
-    assert int(frozen) > 300_000  # torch, MLflow, Hydra: every module the run imported
-    assert only_run(store(tmp_path)).info.status == "FINISHED"
+    trials = [line.split() for line in done.stdout.splitlines() if line.startswith("collector")]
+    assert [enabled for _, enabled, _ in trials] == ["True", "True"]
+    first, second = (int(frozen) for _, _, frozen in trials)
+    assert first > 300_000  # torch, MLflow, Hydra: every module the process imported before its first trial
+    assert second > first  # and what that trial imported
+    assert [run.info.status for run in runs_in(tmp_path / "outputs") if "trial" in run.data.tags] \
+        == ["FINISHED", "FINISHED"]
