@@ -134,13 +134,14 @@ class Figures:
 def check(study, client, experiment_id: str, secret: str, files: Iterable[Path], exits: Iterable[Exit] = (),
           champion: tuple[str, str] = ("mnist-cnn", "champion")) -> list[str]:
     """Every invariant of a soak (or any study on these stores) that does not hold, one line each:
-    the trials, their MLflow runs (a complete trial's FINISHED with its final metrics), the champion, the password ``secret`` (in no param, tag, or file
-    among ``files``: artifacts, logs), and the workers' ``exits`` (one that ended on its own with an
-    error ends with one ``error:`` line)."""
+    the trials, their MLflow runs (a complete trial's FINISHED with its final metrics), the champion,
+    the password ``secret`` (in no param, tag, or file among ``files``: artifacts, logs), and the
+    workers' ``exits`` (one that ended on its own with an error ends with one ``error:`` line)."""
     trials = study.get_trials(deepcopy=False)
     runs = study_runs(client, experiment_id)
     return [*trial_violations(trials), *run_violations(study.study_name, trials, runs),
-            *(f"complete trial {number}'s run {why}" for number, why in incomplete_runs(study.study_name, trials, runs)),
+            *(f"complete trial {number}'s run {why}"
+              for number, why in incomplete_runs(study.study_name, trials, runs)),
             *champion_violations(client, trials, runs, *champion),
             *secret_violations(secret, runs, files), *exit_violations(exits)]
 

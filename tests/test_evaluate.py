@@ -44,7 +44,8 @@ def test_evaluate_reports_and_logs_what_an_independent_count_gives(logged_model,
     assert evaluation.data.metrics["test_acc"] == pytest.approx(correct / 160)
     assert evaluation.data.metrics["acc_3"] == pytest.approx(confusion[3, 3] / confusion[3].sum())
     logged = mlflow.artifacts.download_artifacts(run_id=evaluation.info.run_id, dst_path=str(tmp_path / "dl"))
-    assert json.loads(Path(logged, "confusion_matrix.json").read_text())["rows_true_columns_predicted"] == confusion.tolist()
+    rows = json.loads(Path(logged, "confusion_matrix.json").read_text())["rows_true_columns_predicted"]
+    assert rows == confusion.tolist()
     assert Path(logged, "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = tmp_path / "outputs" / "evaluations" / evaluation.info.run_id / "confusion_matrix.png"
     assert saved.read_bytes() == Path(logged, "confusion_matrix.png").read_bytes()

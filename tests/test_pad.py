@@ -48,7 +48,8 @@ PAGE_TOP = "Array.from(document.querySelectorAll('#top li'), item => item.innerT
 def drawing(stroke: list[tuple[float, float]], rng: np.random.Generator, kind: str = "PNG") -> bytes:
     """``stroke`` as a hand draws it on the pad, black on white: each time a little moved, scaled,
     turned, stretched and thicker or thinner."""
-    scale, turn, stretch, width = rng.uniform(0.5, 1.1), rng.uniform(-0.25, 0.25), rng.uniform(0.8, 1.2), rng.integers(10, 30)
+    scale, turn, stretch = rng.uniform(0.5, 1.1), rng.uniform(-0.25, 0.25), rng.uniform(0.8, 1.2)
+    width = rng.integers(10, 30)
     shift = rng.uniform(-0.12, 0.12, 2)
     points = []
     for x, y in stroke:

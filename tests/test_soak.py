@@ -56,7 +56,8 @@ def healthy() -> tuple[list, list]:
     for t in trials:
         final = {"test_acc": t.value, "param_count": 1000.0} if t.state == TrialState.COMPLETE else {}
         runs.append(run(f"run{t.number}", t.number, {"optim.lr": str(t.params["optim.lr"]), "epochs": "1"},
-                        "FAILED" if t.state == TrialState.FAIL else "FINISHED", model=t.number in (0, 2), metrics=final))
+                        "FAILED" if t.state == TrialState.FAIL else "FINISHED", model=t.number in (0, 2),
+                        metrics=final))
     return trials, runs
 
 
@@ -187,7 +188,8 @@ def test_figures_count_faults_survived_and_points_lost():
     trials[1].user_attrs["worker"] = {"host": "h", "pid": 41}  # its worker the soak killed: not an outage's
     trials[4].user_attrs["worker"] = {"host": "h", "pid": 42}  # its worker lost a store
     exits = [soak.Exit("w0-1", -9, True, ""), soak.Exit("w0-2", 0, False, ""),
-             soak.Exit("w1-1", 1, False, "error: the study's database postgresql://… stopped answering (…): this …"),
+             soak.Exit("w1-1", 1, False,
+                       "error: the study's database postgresql://… stopped answering (…): this …"),
              soak.Exit("w2-1", 1, False, "error: MLflow stopped answering during the run (…); it trained to …"),
              soak.Exit("w2-2", 1, False, "error: cannot use the MLflow store http://…: API request … failed")]
     got = soak.figures(trials, faults, planned=3, minutes=2.0, restarts=4, exits=exits, killed={41}, incomplete=2)

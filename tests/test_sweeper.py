@@ -64,7 +64,8 @@ def test_no_batch_past_a_budget_and_the_reason_names_it():
     size, why = sweeper.next_batch(todo=5, n_jobs=2, room=0, deadline=math.inf, now=0)
     assert size == 0 and why.format(max_trials=3, timeout=None).startswith("the study holds hydra.sweeper.max_trials=3")
     size, why = sweeper.next_batch(todo=5, n_jobs=2, room=math.inf, deadline=10.0, now=10.0)
-    assert size == 0 and why.format(max_trials=None, timeout=0.5) == "hydra.sweeper.timeout=0.5s reached: no more trials start"
+    assert size == 0
+    assert why.format(max_trials=None, timeout=0.5) == "hydra.sweeper.timeout=0.5s reached: no more trials start"
 
 
 def test_the_study_wide_room_counts_finished_and_running_trials_of_every_worker(storage):
@@ -259,8 +260,9 @@ def test_optuna_2s_classes_become_the_equivalent_of_optuna_5s(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        old = [UniformDistribution(0.0, 0.4), LogUniformDistribution(0.02, 0.3), DiscreteUniformDistribution(0, 1, 0.25),
-               IntUniformDistribution(8, 32, step=8), IntLogUniformDistribution(1, 64)]
+        old = [UniformDistribution(0.0, 0.4), LogUniformDistribution(0.02, 0.3),
+               DiscreteUniformDistribution(0, 1, 0.25), IntUniformDistribution(8, 32, step=8),
+               IntLogUniformDistribution(1, 64)]
         grid = OptunaSweeperImpl._to_grid_sampler_choices(None, old[3]), OptunaSweeperImpl._to_grid_sampler_choices(
             None, old[2])
     for distribution in old:
@@ -735,7 +737,7 @@ def test_with_a_validation_split_the_study_maximises_val_acc_and_the_champion_is
     assert parent.data.metrics["best_test_acc"] == by_run[champion.run_id].data.metrics["test_acc"]  # its report
 
 
-# --------------------------------------------------------------------------- on the shared stores (PostgreSQL, MLflow server)
+# ------------------------------------------------------------- on the shared stores (PostgreSQL, MLflow server)
 
 
 @pytest.fixture
@@ -756,7 +758,8 @@ def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, n
     # (This loopback MLflow server has no auth: it ignores the basic-auth credentials.)
     # The study's URI comes from the environment; the tracking URI is typed on the command line, so
     # it is in every job's overrides, config files and flattened params.
-    env = {**local_stack.env(), "OPTUNA_STORAGE": with_password(local_stack.optuna_storage, "mnist_sweep", local_stack.password)}
+    study_uri = with_password(local_stack.optuna_storage, "mnist_sweep", local_stack.password)
+    env = {**local_stack.env(), "OPTUNA_STORAGE": study_uri}
     typed = f"mlflow.tracking_uri={with_password(local_stack.tracking_uri, 'alice', local_stack.password)}"
     workers = [start(["-m", *server_args(overrides, name), typed, "hydra.sweeper.n_trials=2",
                       f"hydra.sweep.dir={tmp_path / f'w{i}'}"], env) for i in range(2)]
@@ -790,7 +793,7 @@ def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, n
     elsewhere = tmp_path / "another-machine"
     elsewhere.mkdir()
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, mlflow; m = mlflow.pytorch.load_model(sys.argv[1]); print(type(m).__name__)",
+        [sys.executable, "-c", "import sys, mlflow; print(type(mlflow.pytorch.load_model(sys.argv[1])).__name__)",
          best_run.data.tags[tracking.MODEL_URI_TAG]],
         cwd=elsewhere, env={**os.environ, "MLFLOW_TRACKING_URI": local_stack.tracking_uri},
         capture_output=True, text=True, timeout=300)
@@ -806,10 +809,12 @@ def test_two_workers_on_postgres_and_a_tracking_server(local_stack, overrides, n
         if tracking.MODEL_URI_TAG in run.data.tags:
             where.append(dict(artifact_uri=run.data.tags[tracking.MODEL_URI_TAG]))
         for i, source in enumerate(where):
-            root = Path(mlflow.artifacts.download_artifacts(**source, dst_path=str(tmp_path / run.info.run_id / str(i))))
+            dst = tmp_path / run.info.run_id / str(i)
+            root = Path(mlflow.artifacts.download_artifacts(**source, dst_path=str(dst)))
             files += [p for p in root.rglob("*") if p.is_file()]
     names = {p.name for p in files}
-    assert {"config.yaml", "hydra.yaml", "overrides.yaml", "state_dict.pt", "MLmodel", "optimization_results.yaml"} <= names
+    assert {"config.yaml", "hydra.yaml", "overrides.yaml", "state_dict.pt", "MLmodel",
+            "optimization_results.yaml"} <= names
     assert not [p for p in files if local_stack.password.encode() in p.read_bytes()]
 
 

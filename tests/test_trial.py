@@ -324,7 +324,8 @@ def test_a_pareto_trials_floor_is_optunas_own_constraint_which_its_sampler_and_f
             done.complete(accuracy, cost, floor=0.99)
         study.ask().suggest_float("x", 0, 1)  # TPE past its startup trials: it splits them by their constraints
     ended = study.get_trials(states=[TrialState.COMPLETE])
-    assert [t.constraints for t in ended] == [{trial.FLOOR: pytest.approx(0.99 - a)} for a in (0.995, 0.95, 0.991, 0.98)]
+    assert [t.constraints for t in ended] == [{trial.FLOOR: pytest.approx(0.99 - a)}
+                                              for a in (0.995, 0.95, 0.991, 0.98)]
     # the cheap infeasible trials (1000, 500) would lead the front on cost; Optuna's front is feasible only
     assert sorted(t.number for t in study.best_trials) == [0, 2]
 

@@ -118,5 +118,6 @@ holds the tables with their dates and machines; the README, the current headline
 The package: ``__main__`` (the command line), ``classic`` (the classic recipe, its own process),
 ``timers`` (processes and sweeps, spawn to exit), ``inprocess`` (the bare loop, warps, tracking),
 ``phases`` (a profile split into phases), ``growth`` (a study of synthetic trials, the product's
-calls on it), ``measure`` (the sections, in order), ``report`` (the table, rows keyed by label). Nothing is imported here: the classic child imports this package.
+calls on it), ``measure`` (the sections, in order), ``report`` (the table, rows keyed by label).
+Nothing is imported here: the classic child imports this package.
 """

@@ -101,7 +101,8 @@ GROWTH_ROWS = (  # what ``--growth`` measures
     "tracking server: workers it carries",
 )
 # What ``--shipping`` measures: the deadline against its budget, then accuracy against each cost
-SHIPPING_ROWS = (*(f"deadline search, timeout={t} s" for t in (300, 600)), "soft budget (finish_running), timeout=600 s",
+SHIPPING_ROWS = (*(f"deadline search, timeout={t} s" for t in (300, 600)),
+                 "soft budget (finish_running), timeout=600 s",
                  "Pareto search by param_count, 20 min", "Pareto search by latency_ms, 20 min")
 FLOORS = (0.99, 0.995)  # the accuracies a shipped model must reach: the cheapest at each is reported
 NOT_MEASURED: Row = ("not measured", "", "")

@@ -128,7 +128,8 @@ class StudySweeper(OptunaSweeperImpl):
         (the plugin knows only optuna 2's)."""
         if isinstance(distribution, CategoricalDistribution):
             return list(distribution.choices)
-        if isinstance(distribution, (FloatDistribution, IntDistribution)) and distribution.step and not distribution.log:
+        stepped = isinstance(distribution, (FloatDistribution, IntDistribution)) and distribution.step
+        if stepped and not distribution.log:
             steps = int((distribution.high - distribution.low) // distribution.step)
             return [distribution.low + i * distribution.step for i in range(steps)]
         raise ValueError("GridSampler only supports discrete distributions.")
