@@ -100,6 +100,7 @@ def use_store(tracking_uri: str, experiment: str, artifact_root: str | None, out
     server = stores.is_server(tracking_uri)
     # a new sqlite store's schema migration must not run twice at once: the lock
     with stores.opening("the MLflow store", tracking_uri, "mlflow.tracking_uri", *LOST), stores.lock(tracking_uri):
+        stores.write_ahead(tracking_uri)
         found = stores.ride_out(lambda: mlflow.get_experiment_by_name(experiment) or _create_experiment(
             experiment, None if server else artifact_root), "the MLflow store", tracking_uri, outage_s)
         # set_experiment asks the store again: an outage can begin between the two (a soak met it)

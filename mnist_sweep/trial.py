@@ -75,6 +75,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
     def connect() -> PatientStorage:
         with stores.lock(url):
+            stores.write_ahead(url)
             return PatientStorage(
                 url,
                 engine_kwargs=stores.engine_kwargs(url),

@@ -2,9 +2,11 @@
 lock that serialises what must not race on a store, and what a user reads when a store's file or
 disk fails."""
 
+import contextlib
 import errno
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -166,6 +168,41 @@ def test_the_study_and_the_mlflow_store_say_so_the_same_way(tmp_path):
         with pytest.raises(stores.StoreError, match=f"^{what} {text} is not an SQLite database"):
             open_it(f"sqlite:///{text}")
     assert text.read_text() == "notes, not a database"  # nothing written over it
+
+
+def journal_mode(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as database:
+        return database.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_the_local_stores_keep_a_write_ahead_log_and_a_server_store_is_left_alone(tmp_path):
+    trial.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}?timeout=5")
+    tracking.use_store(f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=5", "x", str(tmp_path / "art"))
+    assert journal_mode(tmp_path / "optuna.db") == journal_mode(tmp_path / "mlflow.db") == "wal"  # the file keeps it
+    stores.write_ahead("postgresql+psycopg://127.0.0.1:1/optuna")  # no connection tried: it would fail
+    stores.write_ahead("http://127.0.0.1:1")
+
+
+def test_what_a_process_committed_is_in_the_database_file_alone_after_its_exit(tmp_path):
+    """A tool's process exits with its stores' connections open (MLflow's pool, frozen with the rest:
+    cli.run), so SQLite's own last-connection checkpoint never runs: the exit's does."""
+    db = tmp_path / "store.db"
+    writer = (
+        "import gc, sqlite3, sys\n"
+        "from mnist_sweep import stores\n"
+        "stores.write_ahead(f'sqlite:///{sys.argv[1]}')\n"
+        "held = [sqlite3.connect(sys.argv[1])]\n"
+        "held[0].execute('CREATE TABLE runs (id)')\n"
+        "held[0].execute(\"INSERT INTO runs VALUES ('r1')\")\n"
+        "held[0].commit()\n"
+        "held.append(held)  # a cycle, frozen: never closed, as a run's store connections\n"
+        "gc.freeze()\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(db)], cwd=PROJECT_ROOT, check=True, timeout=60)
+    alone = tmp_path / "copy.db"
+    alone.write_bytes(db.read_bytes())  # as a user copies the store, without its log
+    with contextlib.closing(sqlite3.connect(alone)) as database:
+        assert database.execute("SELECT id FROM runs").fetchall() == [("r1",)]
 
 
 def test_a_full_disk_names_the_fullest_of_the_places_written(tmp_path, monkeypatch):
