@@ -45,7 +45,7 @@ FIRST_PAUSE_S, MAX_PAUSE_S = 0.5, 5.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_CHECKPOINTED: set[Path] = set()  # the sqlite databases this process checkpoints at its exit (write_ahead)
+_WRITING_AHEAD: set[Path] = set()  # the sqlite databases this process put in WAL mode (write_ahead)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -76,25 +76,24 @@ def engine_kwargs(uri: str) -> dict:
 
 
 def write_ahead(uri: str) -> None:
-    """Put the sqlite database of ``uri`` in write-ahead-log mode (its file keeps it: once set, this
-    checks it): a commit then syncs the disk once, where SQLite's default rollback journal syncs it
-    about four times (the journal, the database, the journal's folder). A sweep trial commits ~64
-    times to its two stores: ~25 ms of its overhead (docs/benchmark.md). And a reader (the MLflow
-    UI) no longer blocks a writer. WAL wants every user of the file on one machine, as a local store
-    does already. Nothing for a server's URI.
+    """Put the sqlite database of ``uri`` in write-ahead-log mode (its file keeps it; the first
+    process that opens it sets it, each later one checks it, once): a commit then syncs the disk
+    once, where SQLite's default rollback journal syncs it about four times (the journal, the
+    database, the journal's folder). A sweep trial commits ~64 times to its two stores: ~25 ms of
+    its overhead (docs/benchmark.md). And a reader (the MLflow UI) no longer blocks a writer. WAL
+    wants every user of the file on one machine, as a local store does already. Nothing for a
+    server's URI.
 
     What a process committed waits in the log beside the file (``<file>-wal``) until a checkpoint
     moves it in; the process's own at its exit, so that the file alone, copied, is the whole store."""
     path = sqlite_path(uri)
-    if path is None:
+    if path is None or path in _WRITING_AHEAD:  # a sweep's trials reopen it: checked once a process
         return
     wait_s = float(make_url(uri).query.get("timeout", 5))  # the first switch waits for the writers, as they do
     with contextlib.closing(sqlite3.connect(path, timeout=wait_s)) as database:
         database.execute("PRAGMA journal_mode=WAL")
-    if path not in _CHECKPOINTED:
-        _CHECKPOINTED.add(path)
-        atexit.register(_checkpoint, path)
-
+    _WRITING_AHEAD.add(path)
+    atexit.register(_checkpoint, path)
 
 
 def _checkpoint(path: Path) -> None:
